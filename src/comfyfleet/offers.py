@@ -177,6 +177,10 @@ def search_query(profile: Profile, *, broad: bool = False) -> dict[str, Any]:
 
 
 _FMAX: Final = sys.float_info.max  # finite ceiling: inf and NaN fail every range test
+# The slowest inet_down (Mb/s, 1 bit/s) that still gives a finite download time:
+# below ~1e-299 Mb/s bytes x 8 / inet_down overflows, and a free offer's
+# 0 $/h x inf is NaN, which would break the ranking's order.
+_MIN_INET_DOWN: Final = 1e-6
 
 
 class _Requirements:
@@ -251,7 +255,7 @@ class _Requirements:
                 and 0.0 <= o.dph_total <= max_price
                 and o.gpu_ram >= min_vram_mb
                 and o.cuda_max_good >= min_cuda
-                and 0.0 < o.inet_down <= _FMAX
+                and _MIN_INET_DOWN <= o.inet_down <= _FMAX
                 and o.inet_down >= min_down
                 and 0.0 <= o.inet_down_cost <= _FMAX
                 and (not min_ports or o.direct_port_count >= min_ports)
@@ -303,7 +307,7 @@ class _Requirements:
         if not o.reliability >= self.min_rel:
             out.append(f"reliability {o.reliability:.3f} < {self.min_rel:g}")
         down = o.inet_down
-        if not 0.0 < down <= _FMAX:
+        if not _MIN_INET_DOWN <= down <= _FMAX:
             out.append(f"inet down {down:g} Mb/s: no download time to estimate")
         elif down < self.min_down:
             out.append(f"inet down {down:.0f} Mb/s < {self.min_down:g} Mb/s")
@@ -335,8 +339,8 @@ def check(offer: Offer, profile: Profile, *, blocked_machines: Collection[int] =
 
 
 def estimate(offer: Offer, profile: Profile) -> CostEstimate:
-    """The cost model for one offer. ``offer.inet_down`` must be positive (``check`` says so)."""
-    if not offer.inet_down > 0:
+    """The cost model for one offer. ``offer.inet_down`` must be a speed (``check`` says so)."""
+    if not offer.inet_down >= _MIN_INET_DOWN:
         raise ValueError(f"offer {offer.id} has no inet_down: its download time is unknown")
     return _estimate(
         offer.dph_total,

@@ -74,6 +74,9 @@ DEFAULT_USE_SECONDS: Final = 600.0
 DEFAULT_DISK_GB: Final = 250.0
 # Vast's create endpoint refuses less (spec: minimum 8 GB).
 MIN_DISK_GB: Final = 8.0
+# A petabyte of models: far beyond any manifest, and small enough that the cost
+# model's arithmetic (bytes x 8 as a float) cannot overflow.
+MAX_MANIFEST_GB: Final = 1_000_000
 
 _COUNTRY: Final = re.compile(r"^[A-Z]{2}$")
 
@@ -146,8 +149,8 @@ class Profile(_Strict):
     num_gpus: int = Field(default=1, ge=1, description="GPUs per instance (exactly).")
 
     # ---- cost assumptions
-    manifest_gb: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    manifest_bytes: int | None = Field(default=None, ge=0)
+    manifest_gb: float | None = Field(default=None, ge=0, le=MAX_MANIFEST_GB, allow_inf_nan=False)
+    manifest_bytes: int | None = Field(default=None, ge=0, le=MAX_MANIFEST_GB * GB)
     boot_seconds: float = Field(default=DEFAULT_BOOT_SECONDS, ge=0, allow_inf_nan=False)
     use_seconds: float = Field(default=DEFAULT_USE_SECONDS, ge=0, allow_inf_nan=False)
 
@@ -237,6 +240,12 @@ class Fleet(_Strict):
     profiles: dict[str, Profile] = Field(min_length=1)
 
     _source: str | None = PrivateAttr(default=None)
+
+    @field_validator("defaults", mode="before")
+    @classmethod
+    def _empty_defaults(cls, value: Any) -> Any:
+        # `defaults:` with every line commented out is YAML null: no defaults.
+        return {} if value is None else value
 
     @model_validator(mode="before")
     @classmethod
@@ -419,7 +428,9 @@ def _describe(
     error: ValidationError, data: Any, prefix: list[str | int]
 ) -> tuple[list[str | int], str]:
     """The first error of a validation: its path (as written in the file) and a short reason."""
-    first = error.errors(include_url=False)[0]
+    errors = error.errors(include_url=False)
+    # A misspelt key also makes the real one "missing": name the typo, not the gap.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = [*prefix, *first["loc"]]
     kind = first["type"]
     ctx = first.get("ctx") or {}
@@ -461,9 +472,11 @@ def _unknown_field(loc: list[str | int], data: Any) -> str:
     parent = loc[:-1]
     if parent == []:
         known = Fleet.model_fields
-    elif parent[:1] == ["defaults"] or (parent[:1] == ["profiles"] and len(parent) == 2):
+    elif parent == ["defaults"] or (parent[:1] == ["profiles"] and len(parent) == 2):
         known = Profile.model_fields
-    elif parent[-1:] == ["pool"]:
+    elif parent == ["defaults", "pool"] or (
+        parent[:1] == ["profiles"] and len(parent) == 3 and parent[2] == "pool"
+    ):
         known = PoolPolicy.model_fields
     known = [k for k in known if k != "name"]
     close = difflib.get_close_matches(name, known, n=1)

@@ -11,8 +11,9 @@ field for field: the same paths, auth, bodies, units and quirks (the exact
 The module has four parts, top to bottom:
 
 1. **Market model** (``generate_offers`` and the ground-truth functions
-   ``realised_inet_down_mbps``, ``boot_seconds``, ``attempt_fails``), a seeded
-   catalog of offers whose distributions are named constants with their source.
+   ``realised_inet_down_mbps``, ``boot_seconds``, ``attempt_fails``, and
+   ``rental_attempt`` that bills one rental with them), a seeded catalog of
+   offers whose distributions are named constants with their source.
 2. **Search engine**: one filter/order/price engine behind both search endpoints.
 3. **State** (``SimConfig``, ``VastSim``): offers, instances, credit, faults. The
    lifecycle is derived lazily from an injectable clock on each request, under a
@@ -140,6 +141,11 @@ from comfyfleet.clock import Clock, ManualClock, ScaledClock, SystemClock
 # network speed, bandwidth cost and reliability. The only correlations are
 # through ``hosting_type`` (datacenters have faster uplinks, are more often
 # verified and a little more reliable), and they are modest.
+#
+# Each distribution below says where it comes from on a "Source:" line. None
+# is fitted to a data dump of the marketplace (we have none): they are ranges
+# read off public listings and pages, written down as round numbers. The
+# benchmark that depends on them most (bench/ranking_savings.py) says so too.
 # ---------------------------------------------------------------------------
 
 
@@ -166,6 +172,8 @@ class GpuModel:
 # results: many 3090/4090s, a visible H100 SXM pool, few old cards. The small
 # cards (RTX 3060 12 GB, RTX 2080 Ti 11 GB, RTX 3080 10 GB) exist so that
 # memory filters have something to reject.
+# Source: Vast's console search and vast.ai/pricing (2024-2025), read by hand;
+# DLPerf and TFLOPS from the listings' columns and NVIDIA's data sheets.
 GPU_MODELS: Final[tuple[GpuModel, ...]] = (
     GpuModel("RTX 2080 Ti", 11264, 750, 13.0, 13.4, 0.06, 0.15, 0.05, 3, 10.0, 8),
     GpuModel("RTX 3060", 12288, 860, 9.0, 12.7, 0.04, 0.12, 0.05, 5, 11.0, 4),
@@ -185,6 +193,7 @@ GPU_MODELS: Final[tuple[GpuModel, ...]] = (
 
 # GPUs per offer: single cards dominate Vast listings; datacenter parts often
 # come as 8x SXM boards.
+# Source: the "# GPUs" filter of Vast's console search (2024-2025), by hand.
 NUM_GPUS_CONSUMER: Final[tuple[tuple[int, float], ...]] = ((1, 60), (2, 20), (4, 12), (8, 8))
 NUM_GPUS_DATACENTER_PART: Final[tuple[tuple[int, float], ...]] = (
     (1, 45),
@@ -196,6 +205,8 @@ NUM_GPUS_DATACENTER_PART: Final[tuple[tuple[int, float], ...]] = (
 # Host regions ("State, CC", as Vast's geolocation) and their share. Vast's
 # supply is mostly North America and Europe, with a sizeable East Asian part
 # (CN, VN, KR, TW, HK) that users often exclude by country code.
+# Source: the location column of Vast's console search (2024-2025), by hand;
+# the exclusion of CN and VN is seed 000's ("Excludes certain regions").
 # fmt: off
 REGIONS: Final[tuple[tuple[str, float], ...]] = (
     ("California, US", 7), ("Texas, US", 6), ("Oregon, US", 3), ("Washington, US", 2),
@@ -214,9 +225,13 @@ REGIONS: Final[tuple[tuple[str, float], ...]] = (
 # residential fibre/cable: mostly 100-1000 Mb/s, a tail down to ~10 Mb/s and a
 # few multi-gigabit links. Datacenters: 1-10 Gb/s uplinks. Log-normal
 # (median, sigma) clipped to (low, high).
+# Source: the "Inet Down" values of Vast listings (2024-2025) and the range of
+# the console's internet-speed filter (~10 Mb/s to 10+ Gb/s), read by hand; the
+# home/datacenter split from the usual residential and datacenter uplinks.
 INET_DOWN_HOME_MBPS: Final = (450.0, 0.9, 10.0, 2500.0)
 INET_DOWN_DATACENTER_MBPS: Final = (2500.0, 0.7, 200.0, 10000.0)
 # Upload as a fraction of download: residential links are asymmetric.
+# Source: general knowledge of residential (cable, DSL) and datacenter links.
 INET_UP_RATIO_HOME: Final = (0.1, 1.0)
 INET_UP_RATIO_DATACENTER: Final = (0.7, 1.0)
 
@@ -224,12 +239,18 @@ INET_UP_RATIO_DATACENTER: Final = (0.7, 1.0)
 # Many hosts charge nothing for downloads, most of the rest $1-20/TB, a tail
 # up to $100/TB. Drawn independently of the GPU price and of the speed.
 # Each entry: (weight, low $/TB, high $/TB), log-uniform inside (0 = free).
+# Source: the "$/TB" download prices on Vast listings (2024-2025), read by
+# hand; the shares are estimates, not counts. For scale, Vast once charged
+# everyone a flat $0.02/GB = $20/TB (fast.ai course-v3, docs/start_vastai.md,
+# 2018). This is the most uncertain distribution that bench/ranking_savings.py
+# depends on, and it prints the saving with every host's bandwidth free too.
 INET_DOWN_COST_PER_TB: Final[tuple[tuple[float, float, float], ...]] = (
     (0.40, 0.0, 0.0),
     (0.48, 1.0, 20.0),
     (0.12, 20.0, 100.0),
 )
 # Upload is more often priced than download on Vast.
+# Source: the "$/TB" upload prices on Vast listings (2024-2025), by hand.
 INET_UP_COST_PER_TB: Final[tuple[tuple[float, float, float], ...]] = (
     (0.25, 0.0, 0.0),
     (0.55, 1.0, 20.0),
@@ -238,21 +259,27 @@ INET_UP_COST_PER_TB: Final[tuple[tuple[float, float, float], ...]] = (
 
 # Disk price, $/GB/month, log-uniform. Seed 002 saw ~$0.033/h for 120 GB,
 # i.e. $0.20/GB/month; listings range ~$0.05-0.40.
+# Source: seed 002 and the disk prices of Vast listings (2024-2025), by hand.
 STORAGE_COST_PER_GB_MONTH: Final = (0.05, 0.40)
 HOURS_PER_MONTH: Final = 730.0
 
 # Unreliability (1 - reliability) is log-normal: most hosts 0.95-0.999, a tail
 # of flaky ones down to 0.7. (median, sigma, floor of reliability).
+# Source: the reliability column of Vast listings (2024-2025), by hand; seed
+# 000 filters at 95%, which keeps most of them.
 UNRELIABILITY_HOME: Final = (0.02, 0.9, 0.70)
 UNRELIABILITY_DATACENTER: Final = (0.01, 0.9, 0.80)
-# Share of verified hosts.
+# Share of verified hosts. Source: Vast's "verified" filter (2024-2025), by hand.
 VERIFIED_SHARE_HOME: Final = 0.75
 VERIFIED_SHARE_DATACENTER: Final = 0.95
 # "external" offers (outside Vast's own marketplace); default searches drop them.
+# Source: an estimate; only their existence matters (the reference's base filters).
 EXTERNAL_SHARE: Final = 0.04
 
 # Open direct ports: some hosts have none (proxy only), some a handful, most
 # a range of tens to hundreds. (weight, low, high), log-uniform.
+# Source: the "direct ports" column of Vast listings (2024-2025), by hand; the
+# hosts with none are why seed 002 added a direct-port filter.
 DIRECT_PORTS: Final[tuple[tuple[float, int, int], ...]] = (
     (0.10, 0, 0),
     (0.10, 1, 9),
@@ -261,13 +288,16 @@ DIRECT_PORTS: Final[tuple[tuple[float, int, int], ...]] = (
 
 # Free disk on the machine, GB, log-uniform. Small values exist so that a
 # 100+ GB profile rejects them (seed 002 needed 250 GB for ComfyUI).
+# Source: the disk column of Vast listings (2024-2025), by hand.
 DISK_SPACE_HOME_GB: Final = (20.0, 2000.0)
 DISK_SPACE_DATACENTER_GB: Final = (100.0, 8000.0)
-# Disk bandwidth, MB/s: SATA SSDs to NVMe.
+# Disk bandwidth, MB/s: SATA SSDs to NVMe. Source: the drives' usual speeds.
 DISK_BW_MBPS: Final = (300.0, 6000.0)
 
 # Max CUDA of the driver, with the driver version that brings it, and weights
 # (most hosts run 12.x drivers from the last two years).
+# Source: the "Max CUDA" column of Vast listings (2024-2025), by hand; driver
+# versions from NVIDIA's release notes.
 CUDA_DRIVERS: Final[tuple[tuple[float, str, float], ...]] = (
     (11.8, "520.61.05", 3),
     (12.0, "525.147.05", 3),
@@ -279,8 +309,10 @@ CUDA_DRIVERS: Final[tuple[tuple[float, str, float], ...]] = (
 )
 
 # Max rental duration left on the host's listing, days, log-uniform.
+# Source: the "Max Duration" column of Vast listings, by hand (unused by ranking).
 DURATION_DAYS: Final = (1.0, 180.0)
 # Interruptible floor as a share of the on-demand price.
+# Source: vast.ai/pricing ("Interruptible: 50%+ cheaper"), widened both ways.
 MIN_BID_SHARE: Final = (0.3, 0.7)
 # Offer and machine ids look like Vast's (8 and 5 digits).
 FIRST_OFFER_ID: Final = 20_000_000
@@ -558,12 +590,17 @@ def generate_offers(seed: int, n: int, *, now: float = CATALOG_EPOCH) -> list[di
 # links, disk write). Realised / advertised is log-normal with this median and
 # sigma, capped at REALISED_MAX_RATIO; REALISED_BAD_HOST_SHARE of the draws
 # hit a congested or throttled host delivering REALISED_BAD_HOST_RATIO of it.
+# Source: an assumption from general experience of speedtests against real
+# downloads, not a measurement. Anchor: seed 003 saw ~6.5 min per 5 GB model
+# (~100 Mb/s) for single-stream downloads on rented hosts. The ratio does not
+# depend on the offer's price, so it does not favour any ranking.
 REALISED_MEDIAN_RATIO: Final = 0.6
 REALISED_SIGMA: Final = 0.35
 REALISED_MAX_RATIO: Final = 1.05
 REALISED_BAD_HOST_SHARE: Final = 0.07
 REALISED_BAD_HOST_RATIO: Final = (0.03, 0.2)
 # A single client rarely pulls more than ~4 Gb/s from a public CDN.
+# Source: an assumption (a CDN's per-client throughput), not a measurement.
 REALISED_SOURCE_CAP_MBPS: Final = 4000.0
 REALISED_FLOOR_MBPS: Final = 1.0
 
@@ -571,6 +608,9 @@ REALISED_FLOOR_MBPS: Final = 1.0
 # the image (compressed ~8 GB for the CUDA + PyTorch + ComfyUI stack) unless
 # the host has it cached (popular template images often are), extracts it
 # (~18 GB, gzip decompression bound, ~80-250 MB/s) and starts the container.
+# Source: estimates, not measurements: the usual size of a CUDA + PyTorch +
+# ComfyUI image, gzip's usual single-stream decompression rate, and seed 000's
+# readiness budget (ComfyUI polled for up to 15 minutes). The cached share is a guess.
 BOOT_SCHEDULING_S: Final = (5.0, 20.0)
 BOOT_IMAGE_COMPRESSED_GB: Final = 8.0
 BOOT_IMAGE_UNCOMPRESSED_GB: Final = 18.0
@@ -611,6 +651,44 @@ def attempt_fails(rng: random.Random, offer: Mapping[str, Any]) -> bool:
     if reliability is None:
         reliability = offer.get("reliability2", 1.0)
     return rng.random() >= float(reliability)
+
+
+@dataclass(frozen=True)
+class RentalAttempt:
+    """What one rental of an offer really took and cost (ground truth, for benchmarks)."""
+
+    failed: bool  # the container ended in load_failed: nothing is ready, rent again
+    boot_s: float  # create -> running (or -> load_failed)
+    download_s: float  # the models at the realised bandwidth; 0 when the boot failed
+    dollars: float  # everything billed for this rental, the failed ones included
+
+
+def rental_attempt(
+    rng: random.Random, offer: Mapping[str, Any], download_bytes: int, use_seconds: float
+) -> RentalAttempt:
+    """Rent ``offer``, download ``download_bytes`` of models, use it ``use_seconds``; what it costs.
+
+    ``offer`` is a search result, priced at the search's ``allocated_storage``
+    (``dph_total`` = GPU + ``storage_total_cost``). The draws, in this order, are
+    the simulator's own for a realistic boot: ``boot_seconds``, then
+    ``attempt_fails`` (the container ends in ``load_failed``); then, once running,
+    ``realised_inet_down_mbps`` for the download. Billing is the simulator's:
+    storage from creation, GPU time only while running, so a failed boot costs
+    its storage. The download bills ``inet_down_cost`` per GB as Vast bills an
+    instance's traffic (the HTTP simulator moves no bytes, so it bills none). The
+    image pull is not billed as traffic: whether Vast does is not documented, and
+    leaving it out can only understate what a host's bandwidth price costs.
+    """
+    boot = boot_seconds(rng, offer)
+    storage_dph = float(offer.get("storage_total_cost") or 0.0)
+    if attempt_fails(rng, offer):
+        return RentalAttempt(True, boot, 0.0, storage_dph * boot / 3600.0)
+    mbps = realised_inet_down_mbps(rng, offer)
+    download_s = download_bytes * 8 / (mbps * 1e6)
+    dph = float(offer["dph_total"])
+    bandwidth = float(offer.get("inet_down_cost") or 0.0) * download_bytes / 1e9
+    dollars = (storage_dph * boot + dph * (download_s + use_seconds)) / 3600.0 + bandwidth
+    return RentalAttempt(False, boot, download_s, dollars)
 
 
 # ---------------------------------------------------------------------------
