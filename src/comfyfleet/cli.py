@@ -8,34 +8,27 @@ and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from comfyfleet import __version__
+from comfyfleet.clikit import console, err_console, friendly, run
+from comfyfleet.commands import agent as agent_commands
+from comfyfleet.commands import dropbox as dropbox_commands
+from comfyfleet.commands import manifest as manifest_commands
 from comfyfleet.config import find_fleet_file
-from comfyfleet.errors import ComfyfleetError, ConfigError
 from comfyfleet.market import rank_for, rent_best
 from comfyfleet.offers import RankedOffer, Ranking
 from comfyfleet.profiles import Profile, load_fleet
 from comfyfleet.providers.base import Instance
 from comfyfleet.providers.vast import VastClient
 from comfyfleet.views import instance_row, instances_table, offers_table, ranked_row
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-console = Console()
-err_console = Console(stderr=True)
 
 app = typer.Typer(
     name="comfyfleet",
@@ -51,6 +44,9 @@ app = typer.Typer(
 )
 sim_app = typer.Typer(help="Local simulators that speak the real protocols.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
+app.add_typer(manifest_commands.app, name="manifest")
+app.add_typer(agent_commands.app, name="agent")
+app.add_typer(dropbox_commands.app, name="dropbox")
 
 ConfigOption = Annotated[
     Path | None,
@@ -63,32 +59,6 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-
-
-def exit_code_for(error: ComfyfleetError) -> int:
-    """2 for a user's configuration mistake, 1 for everything else."""
-    return 2 if isinstance(error, ConfigError) else 1
-
-
-def friendly(func: Callable[P, T]) -> Callable[P, T]:
-    """Turn comfyfleet errors into one red line on stderr and an exit status."""
-
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return func(*args, **kwargs)
-        except ComfyfleetError as error:
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exit_code_for(error)) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 @app.callback()
@@ -345,6 +315,23 @@ def sim_vast(
         ),
         port=port,
     )
+
+
+@sim_app.command(
+    "comfy",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def sim_comfy(ctx: typer.Context) -> None:
+    """A ComfyUI-compatible server (HTTP + WebSocket) with a few image nodes.
+
+    It takes ComfyUI's own flags (--listen 127.0.0.1 --port 8188 --base-directory DIR ...)
+    plus faults for tests (--startup-delay, --crash-after, --fail-start,
+    --vram-used-fraction, --missing-nodes). `comfyfleet sim comfy --help` lists them all.
+    """
+    from comfyfleet.sim.comfy import main as comfy_main
+
+    raise typer.Exit(comfy_main(list(ctx.args)))
 
 
 @app.command()

@@ -1,0 +1,797 @@
+"""The workspace manifest: what a ComfyUI workspace holds, in one YAML file.
+
+A manifest names the custom nodes (git URL pinned to a commit, requirements
+installed), the models (one or several sources tried in order, a folder under
+``models/``, an optional file name, sha256, size, ``critical``), workflows,
+config files, extra pip packages, ComfyUI's arguments and an optional warm-up
+workflow. ``examples/manifest.yaml`` is a complete example.
+
+Every model forbids unknown keys, so a typo is an error, not a silently ignored
+setting. ``load_manifest`` turns each problem into one ``ManifestError`` line that
+names the file, the dotted field and the YAML line, before anything is installed
+or downloaded::
+
+    manifest.yaml: models[2].dest: expected a folder under models/, got '../etc' (line 14)
+
+What the file alone cannot tell is checked against a workspace by
+``check_workspace`` (a symlink that leads a destination out of ``models/``), and
+file names that only a source knows (``civitai://``) by the provisioner once the
+sources are resolved; both raise the same kind of error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Final, Literal, get_args, get_origin
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from comfyfleet.errors import ManifestError
+
+__all__ = [
+    "SOURCE_SCHEMES",
+    "ComfyUI",
+    "ConfigFile",
+    "CustomNode",
+    "Manifest",
+    "Model",
+    "Workflow",
+    "WorkspaceLayout",
+    "check_workspace",
+    "load_manifest",
+    "parse_manifest",
+    "source_filename",
+]
+
+#: What a model's source may start with; Dropbox links are ``https://`` URLs.
+SOURCE_SCHEMES: Final = ("hf", "civitai", "https", "http")
+
+_HEX64: Final = re.compile(r"^[0-9a-fA-F]{64}$")
+# A full object id (SHA-1, or SHA-256 repositories): a branch, tag or short id can move.
+_COMMIT: Final = re.compile(r"^(?:[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
+_SCP_GIT: Final = re.compile(r"^[\w.-]+@[\w.-]+:.+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _sha256(value: str | None) -> str | None:
+    if value is None:
+        return None
+    v = value.strip()
+    if not _HEX64.match(v):
+        raise ValueError(f"expected a sha256: 64 hexadecimal characters, got {_show(value)}")
+    return v.lower()  # Civitai writes them upper-case
+
+
+def _relative(value: str, *, under: str, what: str) -> str:
+    """A relative POSIX path that stays under ``under``, normalised (``a//b/./c`` -> ``a/b/c``)."""
+    if not value.strip():
+        raise ValueError(f"expected {what} under {under}, got an empty string")
+    if "\\" in value or "\x00" in value:
+        raise ValueError(f"expected {what} under {under} with '/' separators, got {_show(value)}")
+    path = PurePosixPath(value)
+    if path.is_absolute():
+        raise ValueError(f"expected {what} under {under}, got an absolute path {_show(value)}")
+    if ".." in path.parts:
+        raise ValueError(f"expected {what} under {under}, got {_show(value)}, which escapes it")
+    return str(path)
+
+
+def _file_name(value: str, what: str = "a file name") -> str:
+    if (
+        not value
+        or value != value.strip()
+        or "/" in value
+        or "\\" in value
+        or "\x00" in value
+        or value in (".", "..")
+    ):
+        raise ValueError(f"expected {what} without '/', got {_show(value)}")
+    return value
+
+
+def _check_source(value: str) -> str:
+    """The syntax of a model source; whether its host is allowed is the sources layer's call."""
+    parts = urlsplit(value.strip())
+    scheme = parts.scheme.lower()
+    if scheme == "hf":
+        segments = [s for s in parts.path.split("/") if s]
+        if not parts.netloc or len(segments) < 2:
+            raise ValueError(
+                f"expected hf://OWNER/REPO/PATH/IN/REPO[@REVISION], got {_show(value)}"
+            )
+    elif scheme == "civitai":
+        if not parts.netloc.isdigit() or parts.path.strip("/"):
+            raise ValueError(f"expected civitai://MODEL_VERSION_ID (digits), got {_show(value)}")
+    elif scheme in ("http", "https"):
+        if not parts.hostname:
+            raise ValueError(f"expected a URL with a host, got {_show(value)}")
+    else:
+        raise ValueError(
+            "expected a source starting with hf://, civitai://, https:// (Dropbox links "
+            f"included) or http:// (a host the allowlist names), got {_show(value)}"
+        )
+    return value.strip()
+
+
+def source_filename(source: str) -> str | None:
+    """The file name a source gives without asking its server, or ``None``.
+
+    Only ``hf://`` paths say it for sure; other sources (Civitai's
+    ``Content-Disposition``, a URL's last segment) are known once resolved.
+    """
+    parts = urlsplit(source)
+    if parts.scheme.lower() != "hf":
+        return None
+    path = parts.path
+    if "@" in path:
+        path = path.rsplit("@", 1)[0]
+    name = unquote(path.rstrip("/").rsplit("/", 1)[-1])
+    return name or None
+
+
+def _check_git_url(value: str) -> str:
+    v = value.strip()
+    scheme = urlsplit(v).scheme.lower()
+    if scheme in ("https", "http", "ssh", "git", "file") or _SCP_GIT.match(v) or v.startswith("/"):
+        return v
+    raise ValueError(
+        "expected a git URL (https://..., ssh://..., git@host:path, file://... or an "
+        f"absolute path), got {_show(value)}"
+    )
+
+
+def _git_name(url: str) -> str:
+    tail = url.rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
+    return tail[:-4] if tail.endswith(".git") else tail
+
+
+# ---------------------------------------------------------------- the models
+
+
+class ComfyUI(_Strict):
+    """Where ComfyUI lives in the workspace, how it starts, which Python installs into it."""
+
+    path: str = Field(
+        default="ComfyUI",
+        description="ComfyUI's folder, relative to the workspace ('.': the workspace itself).",
+    )
+    args: list[str] = Field(
+        default_factory=list, description="Extra arguments for ComfyUI's main.py."
+    )
+    python: str | None = Field(
+        default=None,
+        description="The interpreter whose pip installs requirements (default: the agent's).",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if value.strip() in (".", "./"):
+            return "."
+        return _relative(value, under="the workspace", what="a folder")
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            if arg.split("=", 1)[0] in ("--listen", "--port"):
+                raise ValueError(
+                    f"{arg!r} is the agent's to set: ComfyUI listens on 127.0.0.1 only, "
+                    "on the agent's port"
+                )
+        return value
+
+
+class CustomNode(_Strict):
+    """A custom node: a git repository checked out at a pinned commit under ``custom_nodes/``."""
+
+    git: str = Field(description="The repository's URL.")
+    commit: str = Field(description="The full commit id to check out (40 hex digits).")
+    name: str | None = Field(
+        default=None, description="Folder under custom_nodes/ (default: the repository's name)."
+    )
+    critical: bool = Field(default=True, description="A strict provision fails without it.")
+    requirements: bool = Field(
+        default=True, description="pip install its requirements.txt when it has one."
+    )
+
+    @field_validator("git")
+    @classmethod
+    def _git(cls, value: str) -> str:
+        return _check_git_url(value)
+
+    @field_validator("commit")
+    @classmethod
+    def _commit(cls, value: str) -> str:
+        if not _COMMIT.match(value.strip()):
+            raise ValueError(
+                "expected a full commit id (40 hexadecimal characters; a branch, tag or "
+                f"short id can move), got {_show(value)}"
+            )
+        return value.strip().lower()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else _file_name(value, "a folder name")
+
+    @property
+    def folder(self) -> str:
+        """The folder under ``custom_nodes/``."""
+        return self.name or _git_name(self.git)
+
+
+class Model(_Strict):
+    """A model file: where it comes from and where it goes under ``models/``."""
+
+    source: str | None = Field(default=None, description="hf://, civitai://, https://...")
+    sources: list[str] | None = Field(
+        default=None, description="Several sources, tried in order (instead of source)."
+    )
+    dest: str = Field(description="Folder under models/, such as checkpoints or vae.")
+    name: str | None = Field(
+        default=None, description="File name (default: the source's own file name)."
+    )
+    sha256: str | None = Field(default=None, description="Expected sha256 (64 hex digits).")
+    size: int | None = Field(default=None, ge=0, description="Expected size in bytes.")
+    critical: bool = Field(default=True, description="A strict provision fails without it.")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        return None if value is None else _check_source(value)
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("expected at least one source")
+        return [_check_source(v) for v in value]
+
+    @field_validator("dest")
+    @classmethod
+    def _dest(cls, value: str) -> str:
+        dest = _relative(value, under="models/", what="a folder")
+        if dest == ".":
+            raise ValueError("expected a folder under models/ such as checkpoints, got '.'")
+        if PurePosixPath(dest).parts[0] == "models":
+            raise ValueError(
+                f"dest is a folder under models/: write {_show(dest[len('models/') :] or '?')}, "
+                f"not {_show(value)}"
+            )
+        return dest
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else _file_name(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        return _sha256(value)
+
+    @model_validator(mode="after")
+    def _one_source_key(self) -> Model:
+        if (self.source is None) == (self.sources is None):
+            raise ValueError("expected either source: URL or sources: [URL, ...], not both")
+        return self
+
+    @property
+    def all_sources(self) -> list[str]:
+        """The sources in the order they are tried."""
+        return [self.source] if self.source is not None else list(self.sources or [])
+
+    @property
+    def known_name(self) -> str | None:
+        """The target's file name when the manifest alone says it (``name``, or an hf:// path)."""
+        if self.name is not None:
+            return self.name
+        for s in self.all_sources:
+            name = source_filename(s)
+            if name is not None:
+                return name
+        return None
+
+    def target(self, name: str) -> str:
+        """The target's path under ``models/``, for file ``name``."""
+        return f"{self.dest}/{name}"
+
+
+class Workflow(_Strict):
+    """A ComfyUI workflow (JSON), put in ComfyUI's ``user/default/workflows/``."""
+
+    name: str | None = Field(default=None, description="File name (default: from file/source).")
+    file: str | None = Field(default=None, description="A file next to the manifest.")
+    source: str | None = Field(default=None, description="A URL to download it from.")
+    sha256: str | None = None
+    critical: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else _file_name(value)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        return None if value is None else _check_source(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        return _sha256(value)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> Workflow:
+        if (self.file is None) == (self.source is None):
+            raise ValueError("expected either file: PATH or source: URL")
+        if self.name is None and self.file_name is None:
+            raise ValueError("expected a name: the source does not end with a file name")
+        return self
+
+    @property
+    def file_name(self) -> str | None:
+        """The file name under ``workflows/``."""
+        if self.name is not None:
+            return self.name
+        if self.file is not None:
+            return PurePosixPath(self.file).name or None
+        assert self.source is not None
+        tail = unquote(urlsplit(self.source).path.rstrip("/").rsplit("/", 1)[-1])
+        if "@" in tail and urlsplit(self.source).scheme == "hf":
+            tail = tail.rsplit("@", 1)[0]
+        return tail if "." in tail else None
+
+
+class ConfigFile(_Strict):
+    """A config file written into ComfyUI's folder: inline ``content`` or a ``file``/``source``."""
+
+    path: str = Field(description="Where, relative to ComfyUI's folder.")
+    content: str | None = None
+    file: str | None = None
+    source: str | None = None
+    sha256: str | None = None
+    critical: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        path = _relative(value, under="ComfyUI's folder", what="a file")
+        if path == ".":
+            raise ValueError("expected a file path, got '.'")
+        return path
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        return None if value is None else _check_source(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        return _sha256(value)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> ConfigFile:
+        given = [k for k in ("content", "file", "source") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("expected exactly one of content:, file: or source:")
+        return self
+
+
+class Manifest(_Strict):
+    """A workspace: custom nodes, models, workflows, config files, pip packages, ComfyUI."""
+
+    version: Literal[1] = 1
+    comfyui: ComfyUI = Field(default_factory=ComfyUI)
+    custom_nodes: list[CustomNode] = Field(default_factory=list)
+    models: list[Model] = Field(default_factory=list)
+    workflows: list[Workflow] = Field(default_factory=list)
+    config_files: list[ConfigFile] = Field(default_factory=list)
+    pip: list[str] = Field(
+        default_factory=list, description="Extra pip packages (SageAttention, Triton...)."
+    )
+    pip_args: list[str] = Field(
+        default_factory=list,
+        description="Extra arguments for every pip install (--extra-index-url, --no-index...).",
+    )
+    warmup_workflow: str | None = Field(
+        default=None, description="The name of a workflow to run once before 'ready'."
+    )
+
+    _source: str = PrivateAttr(default="manifest.yaml")
+    _text: str = PrivateAttr(default="")
+    _base_dir: Path = PrivateAttr(default=Path("."))
+
+    @property
+    def source(self) -> str:
+        """The file this manifest was read from (for error messages)."""
+        return self._source
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder ``file:`` entries are relative to: the manifest's own."""
+        return self._base_dir
+
+    def layout(self, workspace: Path) -> WorkspaceLayout:
+        """Where everything goes in ``workspace``."""
+        return WorkspaceLayout(root=workspace, comfy=workspace / self.comfyui.path)
+
+    def local_file(self, relative: str) -> Path:
+        """A ``file:`` entry as a path on this machine."""
+        return self._base_dir / relative
+
+    def error(self, path: list[str | int], reason: str) -> ManifestError:
+        """A ``ManifestError`` for the entry at ``path`` (``["models", 3]``), with its line."""
+        return _error(reason, path, self._text, self._source)
+
+    @property
+    def warmup(self) -> Workflow | None:
+        """The warm-up workflow, if the manifest names one."""
+        for w in self.workflows:
+            if w.file_name == self.warmup_workflow:
+                return w
+        return None
+
+
+@dataclass(frozen=True)
+class WorkspaceLayout:
+    """The folders of a workspace: ``root`` holds the error log, ``comfy`` is ComfyUI's."""
+
+    root: Path
+    comfy: Path
+
+    @property
+    def models(self) -> Path:
+        return self.comfy / "models"
+
+    @property
+    def custom_nodes(self) -> Path:
+        return self.comfy / "custom_nodes"
+
+    @property
+    def workflows(self) -> Path:
+        return self.comfy / "user" / "default" / "workflows"
+
+    def model_path(self, model: Model, name: str) -> Path:
+        return self.models / model.dest / name
+
+    def node_path(self, node: CustomNode) -> Path:
+        return self.custom_nodes / node.folder
+
+    def relative(self, path: Path) -> str:
+        """``path`` as shown in logs: relative to the workspace root when inside it."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a manifest file; every problem is one ``ManifestError`` line."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError("no such file", source=source) from None
+    except IsADirectoryError:
+        raise ManifestError("expected a file, found a directory", source=source) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(f"cannot read the file: {error}", source=source) from None
+    return parse_manifest(text, source=source, base_dir=path.parent)
+
+
+def parse_manifest(
+    text: str, *, source: str = "manifest.yaml", base_dir: Path | None = None
+) -> Manifest:
+    """Validate a manifest's text; ``file:`` entries are relative to ``base_dir``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        raise ManifestError(_yaml_reason(error), source=source) from None
+    except yaml.YAMLError as error:
+        raise ManifestError(f"invalid YAML: {error}", source=source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ManifestError(
+            f"expected a mapping (models:, custom_nodes:, ...) at the top, got {_kind(data)}",
+            source=source,
+        )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as error:
+        path, reason = _describe(error, data)
+        raise _error(reason, path, text, source) from None
+    manifest._source = source
+    manifest._text = text
+    manifest._base_dir = base_dir if base_dir is not None else Path(".")
+    _check_across_entries(manifest)
+    return manifest
+
+
+def _check_across_entries(m: Manifest) -> None:
+    """What one entry alone cannot tell: duplicates, references, local files."""
+    targets: dict[str, int] = {}
+    for i, model in enumerate(m.models):
+        name = model.known_name
+        if name is None:
+            continue
+        target = model.target(name)
+        if target in targets:
+            raise m.error(
+                ["models", i],
+                f"same target as models[{targets[target]}]: models/{target}; "
+                "give one of them another dest or name",
+            )
+        targets[target] = i
+    folders: dict[str, int] = {}
+    for i, node in enumerate(m.custom_nodes):
+        if node.folder in folders:
+            raise m.error(
+                ["custom_nodes", i],
+                f"same folder as custom_nodes[{folders[node.folder]}]: "
+                f"custom_nodes/{node.folder}; set name: to tell them apart",
+            )
+        folders[node.folder] = i
+    names: dict[str, int] = {}
+    for i, wf in enumerate(m.workflows):
+        name = wf.file_name
+        assert name is not None
+        if name in names:
+            raise m.error(["workflows", i], f"same name as workflows[{names[name]}]: {name}")
+        names[name] = i
+        if wf.file is not None:
+            _check_local_file(m, wf.file, ["workflows", i, "file"])
+    paths: dict[str, int] = {}
+    for i, cf in enumerate(m.config_files):
+        if cf.path in paths:
+            raise m.error(["config_files", i], f"same path as config_files[{paths[cf.path]}]")
+        paths[cf.path] = i
+        if cf.file is not None:
+            _check_local_file(m, cf.file, ["config_files", i, "file"])
+    if m.warmup_workflow is not None and m.warmup is None:
+        known = ", ".join(n for n in names) or "none"
+        raise m.error(
+            ["warmup_workflow"],
+            f"expected the name of a workflow listed under workflows: ({known}), "
+            f"got {_show(m.warmup_workflow)}",
+        )
+
+
+def _check_local_file(m: Manifest, relative: str, path: list[str | int]) -> None:
+    if not m.local_file(relative).is_file():
+        raise m.error(path, f"no such file: {m.local_file(relative)}")
+
+
+# ---------------------------------------------------------------- the workspace
+
+
+def _escapes(path: Path, base: Path) -> bool:
+    """Whether ``path`` (its existing part, symlinks followed) leads outside ``base``."""
+    real_base = Path(os.path.realpath(base))
+    real = Path(os.path.realpath(path))
+    return not real.is_relative_to(real_base)
+
+
+def check_workspace(manifest: Manifest, workspace: Path) -> None:
+    """Refuse destinations that a symlink in ``workspace`` leads outside their folder.
+
+    ``models/`` itself may be a symlink (to a larger disk, say): what counts is
+    that every destination stays inside wherever it points.
+    """
+    layout = manifest.layout(workspace)
+    if _escapes(layout.comfy, layout.root):
+        raise manifest.error(
+            ["comfyui", "path"],
+            f"{layout.comfy} is a symlink that leads out of the workspace {layout.root}",
+        )
+    for i, model in enumerate(manifest.models):
+        folder = layout.models / model.dest
+        name = model.known_name
+        target = folder / name if name is not None else folder
+        if _escapes(target, layout.models):
+            raise manifest.error(
+                ["models", i, "dest"],
+                f"models/{model.dest} leads out of models/ through a symlink "
+                f"(to {os.path.realpath(target)}); remove the link or change dest",
+            )
+    for i, cf in enumerate(manifest.config_files):
+        if _escapes(layout.comfy / cf.path, layout.comfy):
+            raise manifest.error(
+                ["config_files", i, "path"],
+                f"{cf.path} leads out of ComfyUI's folder through a symlink",
+            )
+    for i, wf in enumerate(manifest.workflows):
+        assert wf.file_name is not None
+        if _escapes(layout.workflows / wf.file_name, layout.comfy):
+            raise manifest.error(
+                ["workflows", i], "the workflows folder leads out of ComfyUI's through a symlink"
+            )
+
+
+# ---------------------------------------------------------------- errors, one line each
+
+_BOUNDS: Final = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
+_EXPECTED: Final = {
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string (quote it in YAML)",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "literal_error": "1",
+}
+
+
+def _error(reason: str, path: list[str | int], text: str, source: str) -> ManifestError:
+    line = _line_of(text, path) if text else None
+    if line is not None:
+        reason = f"{reason} (line {line})"
+    return ManifestError(reason, source=source, field=_dotted(path) or None)
+
+
+def _describe(error: ValidationError, data: Any) -> tuple[list[str | int], str]:
+    """The first error of a validation: its path as written in the file and a short reason."""
+    first = error.errors(include_url=False)[0]
+    loc: list[str | int] = list(first["loc"])
+    kind = first["type"]
+    ctx = first.get("ctx") or {}
+    value = first.get("input")
+    if kind == "missing":
+        reason = "expected a value: the field is required"
+    elif kind == "extra_forbidden":
+        reason = _unknown_field(loc)
+    elif kind in _BOUNDS:
+        bound = next(iter(ctx.values()), "?")
+        reason = f"expected a number {_BOUNDS[kind]} {_show(bound)}, got {_show(value)}"
+    elif kind == "value_error":
+        reason = str(ctx.get("error", first["msg"]))
+    elif kind in _EXPECTED:
+        reason = f"expected {_EXPECTED[kind]}, got {_show(value)}"
+    else:
+        reason = f"expected {first['msg'][0].lower()}{first['msg'][1:]}, got {_show(value)}"
+    return loc, reason
+
+
+def _model_at(loc: list[str | int]) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at ``loc`` (its parent), or ``None``."""
+    model: type[BaseModel] = Manifest
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        inner = _model_in(field.annotation)
+        if inner is None:
+            return None
+        model = inner
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None or get_args(annotation):
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _unknown_field(loc: list[str | int]) -> str:
+    name = str(loc[-1])
+    model = _model_at(loc)
+    known: Iterable[str] = model.model_fields if model is not None else ()
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f"unknown field '{name}'; did you mean '{close[0]}'?"
+    return f"unknown field '{name}'; expected one of: {', '.join(known)}"
+
+
+def _dotted(path: list[str | int]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _yaml_reason(error: yaml.MarkedYAMLError) -> str:
+    mark = error.problem_mark or error.context_mark
+    problem = error.problem or error.context or "syntax error"
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"invalid YAML{where}: {problem}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+    return _kind(value)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+def _line_of(text: str, path: list[str | int]) -> int | None:
+    """The 1-based line of the deepest node of ``path`` found in the YAML, or None."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    if node is None:
+        return None
+    line: int = node.start_mark.line + 1
+    for part in path:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    child, line = value, key.start_mark.line + 1
+                    break
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            child = node.value[part]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
