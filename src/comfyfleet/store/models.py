@@ -1,0 +1,212 @@
+"""The control plane's tables, as SQLAlchemy 2 typed models.
+
+Times are Unix seconds (``float``), as ``comfyfleet.clock.Clock.now()`` gives them:
+the store never reads the wall clock itself, so tests and the simulator drive it
+with a ``ManualClock`` or a ``ScaledClock``. Money is dollars, ``dph_total`` is $/h.
+
+States are stored as their lowercase names in a ``VARCHAR`` with a ``CHECK``
+constraint (not a PostgreSQL enum type), so the same migrations run on SQLite and
+PostgreSQL and a new state is a plain constraint change.
+
+No column ever holds a secret in clear: an agent token is kept as its hash only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Double,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from comfyfleet.store.lifecycle import TERMINAL_STATES, InstanceState, JobState
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+LIVE_SLOT_INDEX = "uq_instances_live_slot"
+"""The partial unique index on (profile, slot) over the rows that are not terminal."""
+
+LIVE_ROW_PREDICATE = "state NOT IN ({})".format(
+    ", ".join(f"'{state.value}'" for state in sorted(TERMINAL_STATES))
+)
+"""SQL that is true for an instance row that may still bill (shared with the migration)."""
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 (SQLAlchemy reads it as a class attribute)
+        float: Double(),
+        dict[str, Any]: JSON(),
+    }
+
+
+# An autoincrementing 64-bit key on PostgreSQL that stays SQLite's rowid alias.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _state_type(enum: type[InstanceState] | type[JobState], name: str, *, check: bool) -> Enum:
+    return Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=check,
+        length=20,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class InstanceRow(Base):
+    """One rental, from the record made before the provider is called to its end."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("provider", "provider_contract_id"),
+        Index(
+            LIVE_SLOT_INDEX,
+            "profile",
+            "slot",
+            unique=True,
+            sqlite_where=text(LIVE_ROW_PREDICATE),
+            postgresql_where=text(LIVE_ROW_PREDICATE),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    fleet_id: Mapped[str] = mapped_column(String(32))
+    profile: Mapped[str] = mapped_column(String(64), index=True)
+    # None for an instance outside the pool's slots (an ad-hoc ``up``, an adoption).
+    slot: Mapped[int | None]
+    label: Mapped[str] = mapped_column(String(128), unique=True)
+    state: Mapped[InstanceState] = mapped_column(
+        _state_type(InstanceState, "instance_state", check=True), index=True
+    )
+
+    provider: Mapped[str] = mapped_column(String(32))
+    provider_contract_id: Mapped[int | None] = mapped_column(BigInteger)
+    offer_id: Mapped[int | None] = mapped_column(BigInteger)
+    machine_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    host_id: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_name: Mapped[str | None] = mapped_column(String(64))
+    dph_total: Mapped[float | None]
+
+    # What the provider last said: Vast's ``actual_status`` and since when, ``status_msg``.
+    actual_status: Mapped[str | None] = mapped_column(String(32))
+    actual_status_since: Mapped[float | None]
+    status_msg: Mapped[str | None] = mapped_column(Text)
+    public_ip: Mapped[str | None] = mapped_column(String(64))
+    ports: Mapped[dict[str, Any] | None]
+    ssh_host: Mapped[str | None] = mapped_column(String(255))
+    ssh_port: Mapped[int | None]
+
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    agent_token_hash: Mapped[str | None] = mapped_column(String(80))
+    registered_at: Mapped[float | None]
+    last_heartbeat_at: Mapped[float | None]
+    # The agent's last progress report (files, bytes, rates), for ``up --wait`` and the pool view.
+    progress: Mapped[dict[str, Any] | None]
+
+    stage_entered_at: Mapped[float]
+    stage_deadline_at: Mapped[float | None]
+    cost_so_far: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
+    created_at: Mapped[float]
+    updated_at: Mapped[float]
+    ready_at: Mapped[float | None]
+    ended_at: Mapped[float | None]
+
+    def __repr__(self) -> str:
+        return f"InstanceRow(id={self.id!r}, label={self.label!r}, state={self.state!r})"
+
+
+class AuditRow(Base):
+    """One instance transition: when, from what, to what, why and by whom."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    # None on the row that records the instance's creation.
+    from_state: Mapped[InstanceState | None] = mapped_column(
+        _state_type(InstanceState, "instance_state", check=False)
+    )
+    to_state: Mapped[InstanceState] = mapped_column(
+        _state_type(InstanceState, "instance_state", check=False)
+    )
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(64))
+
+    def __repr__(self) -> str:
+        return (
+            f"AuditRow(instance_id={self.instance_id!r}, {self.from_state!s}"
+            f" -> {self.to_state!s}, reason={self.reason!r})"
+        )
+
+
+class BlockedMachineRow(Base):
+    """A machine that offer searches leave out until ``expires_at``, and why."""
+
+    __tablename__ = "machine_blocklist"
+    __table_args__ = (Index(None, "provider", "machine_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    machine_id: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
+    created_at: Mapped[float]
+    expires_at: Mapped[float] = mapped_column(index=True)
+
+
+class LeaseRow(Base):
+    """A named lease (the reconciler's): who holds it, until when, in which epoch."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(128))
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    acquired_at: Mapped[float | None]
+    expires_at: Mapped[float]
+
+
+class JobRow(Base):
+    """A generation job: queued, placed on an instance under a lease id, run, ended."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index(None, "state", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    profile: Mapped[str] = mapped_column(String(64))
+    state: Mapped[JobState] = mapped_column(_state_type(JobState, "job_state", check=True))
+    # The job as submitted (workflow, inputs, overrides) and what it produced.
+    request: Mapped[dict[str, Any]]
+    result: Mapped[dict[str, Any] | None]
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True)
+    attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    # New at each placement; the agent reports with it, and a stale one is refused.
+    lease_id: Mapped[str | None] = mapped_column(String(36))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float]
+    updated_at: Mapped[float]
+    placed_at: Mapped[float | None]
+    started_at: Mapped[float | None]
+    finished_at: Mapped[float | None]
