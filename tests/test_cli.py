@@ -206,11 +206,25 @@ def test_sim_vast_prints_its_url_and_serves(clean_env: dict[str, str]) -> None:
         proc.wait(timeout=10)
 
 
-def test_demo_runs_the_whole_flow(clean_env: dict[str, str]) -> None:
-    result = run_cli("demo", env=clean_env, timeout=120)
+def test_demo_runs_the_whole_flow(clean_env: dict[str, str], tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = run_cli("demo", env={**clean_env, "TMPDIR": str(temp)}, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo finished" in result.stdout
     assert "Destroyed instance" in result.stdout
+    # The agent's part: a workspace provisioned, ComfyUI (the simulator) ready, then stopped.
+    section = result.stdout.split("6. Provision a workspace and start ComfyUI", 1)[1]
+    stages = re.findall(
+        r"^(booting|provisioning|downloading|starting_app|warming|ready) ", section, re.M
+    )
+    assert stages == ["booting", "provisioning", "downloading", "starting_app", "warming", "ready"]
+    ready = re.search(r"^READY ComfyUI at http://127\.0\.0\.1:\d+ \(pid (\d+)\)", section, re.M)
+    assert ready, section
+    assert "Its checkpoint loader lists: sd_xl_turbo_1.0_fp16.safetensors" in section
+    assert f"stopped ComfyUI (pid {ready.group(1)}, terminated)" in section
+    assert not Path(f"/proc/{ready.group(1)}").exists()  # nothing left running
+    assert list(temp.iterdir()) == []  # nor left on disk
 
 
 def test_help_teaches_the_commands(clean_env: dict[str, str]) -> None:

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
+import sys
 import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, DownloadColumn, TaskID, TextColumn
 from rich.progress import Progress as RichProgress
+from rich.spinner import Spinner
 from rich.table import Table
+from rich.text import Text
 
 from comfyfleet.agent.report import Level, Progress, Stage
 from comfyfleet.agent.sources import (
@@ -26,6 +34,11 @@ from comfyfleet.clikit import console, err_console, friendly, run
 from comfyfleet.commands.manifest import human_bytes
 from comfyfleet.errors import ConfigError
 
+if TYPE_CHECKING:
+    from comfyfleet.agent.comfy import ComfySupervisor
+    from comfyfleet.agent.provision import ProvisionOptions
+    from comfyfleet.manifest import Manifest
+
 app = typer.Typer(
     help="The agent that provisions a workspace and runs ComfyUI.", no_args_is_help=True
 )
@@ -33,31 +46,60 @@ app = typer.Typer(
 _LEVEL_STYLE: dict[str, str] = {"info": "", "warning": "yellow", "error": "red"}
 
 
+class _LiveView(RichProgress):
+    """Progress bars under a header line (the agent's stage), redrawn by Rich's refresh thread."""
+
+    def __init__(self, *columns: Any, header: Callable[[], RenderableType], **kw: Any) -> None:
+        self._header = header  # before Progress's own __init__, which renders once
+        super().__init__(*columns, **kw)
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self._header()
+        if self.tasks:
+            yield self.make_tasks_table(self.tasks)
+
+
 class ConsoleReporter:
     """The agent's ``Reporter`` in a terminal: stage and log lines, live progress bars.
 
     Calls come from the download engine's progress thread; Rich's progress is
     thread-safe, and nothing here waits on the download. Without a terminal (a
-    pipe, a log file) only the lines are printed.
+    pipe, a log file) only the lines are printed. ``show_stage`` adds a live line
+    above the bars: the current stage, for how long, and a note (ComfyUI's URL at
+    ``ready``); the download bars go when the downloads are over.
     """
 
-    def __init__(self, out: Console, *, live: bool) -> None:
+    def __init__(self, out: Console, *, live: bool, show_stage: bool = False) -> None:
         self.out = out
+        self.show_stage = show_stage
         self._lock = threading.Lock()
         self._bars: RichProgress | None = None
         self._overall: TaskID | None = None
         self._files: dict[str, TaskID] = {}
+        self._stage: str | None = None
+        self._stage_since = time.monotonic()
+        self._note = ""
         if live and out.is_terminal:
             # Speed and time left come from the provisioner's own window: the engine's
             # events arrive in bursts, which Rich's per-update estimate would misread.
-            self._bars = RichProgress(
+            columns = (
                 TextColumn("{task.description}", markup=False),
                 BarColumn(),
                 DownloadColumn(),
                 TextColumn("{task.fields[speed]}", markup=False),
-                console=out,
-                transient=True,
             )
+            if show_stage:
+                # stdout goes above the live view only when it is this terminal too: a piped
+                # stdout (ComfyUI's URL for a script) must not land on stderr.
+                self._bars = _LiveView(
+                    *columns,
+                    header=self.header,
+                    console=out,
+                    transient=True,
+                    redirect_stdout=sys.stdout.isatty(),
+                )
+            else:
+                self._bars = RichProgress(*columns, console=out, transient=True)
 
     def __enter__(self) -> ConsoleReporter:
         if self._bars is not None:
@@ -68,17 +110,50 @@ class ConsoleReporter:
         if self._bars is not None:
             self._bars.stop()
 
+    def note(self, text: str) -> None:
+        """A remark shown after the stage in the live line (ComfyUI's URL at ``ready``)."""
+        self._note = text
+
+    def header(self) -> RenderableType:
+        """The live line: ``stage downloading (0:12)``, with a spinner until ``ready``."""
+        stage = self._stage or "starting"
+        elapsed = int(time.monotonic() - self._stage_since)
+        text = Text.assemble(
+            ("stage ", "bold"),
+            (stage, "bold red" if stage == "failed" else "bold cyan"),
+            f" ({elapsed // 60}:{elapsed % 60:02d})",
+        )
+        if self._note:
+            text.append(f"  {self._note}")
+        if stage in ("ready", "failed"):
+            return Text.assemble(("✓ " if stage == "ready" else "✗ ", "bold"), text)
+        return Spinner("dots", text=text)
+
     def stage(self, stage: Stage, reason: str | None = None) -> None:
         style = "bold red" if stage == "failed" else "bold cyan"
         text = f"[{style}]stage {stage}[/]"
         self.out.print(text + (f": {reason}" if reason else ""), highlight=False)
+        self._stage, self._stage_since, self._note = stage, time.monotonic(), ""
+        if self.show_stage and stage != "downloading":
+            self._clear_bars()
+
+    def _clear_bars(self) -> None:
+        bars = self._bars
+        if bars is None:
+            return
+        with self._lock:
+            for task in [*self._files.values(), self._overall]:
+                if task is not None:
+                    bars.remove_task(task)
+            self._files.clear()
+            self._overall = None
 
     def log(self, line: str, level: Level = "info") -> None:
         self.out.print(line, style=_LEVEL_STYLE.get(level) or None, markup=False, highlight=False)
 
     def progress(self, progress: Progress) -> None:
         bars = self._bars
-        if bars is None:
+        if bars is None or (self.show_stage and self._stage != "downloading"):
             return
         with self._lock:
             if self._overall is None:
@@ -214,3 +289,229 @@ def provision(
         if summary.failed:
             console.print(f"errors logged to {summary.error_log}", highlight=False)
     summary.raise_for_missing()
+
+
+def _quiet_agent_logs() -> None:
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # The reporter prints every line; the agent's own log records would repeat them.
+        logging.getLogger("comfyfleet.agent").setLevel(logging.CRITICAL)
+
+
+@app.command("run")
+@friendly
+def run_command(
+    manifest: Annotated[
+        Path, typer.Option("--manifest", "-m", help="The workspace manifest (YAML).")
+    ],
+    workspace: Annotated[
+        Path,
+        typer.Option(
+            "--workspace",
+            "-w",
+            help="The workspace folder (ComfyUI in its ComfyUI/ unless the manifest says "
+            "otherwise; provision_errors.log, comfyui.log and comfyui.pid at its top).",
+        ),
+    ],
+    comfy_command: Annotated[
+        str | None,
+        typer.Option(
+            "--comfy-command",
+            envvar="COMFY_COMMAND",
+            help="How to start ComfyUI, run in its folder; --listen 127.0.0.1 --port PORT and "
+            "the manifest's comfyui.args are added. Default: 'python main.py' (the manifest's "
+            "comfyui.python if it names one). A local run: 'python -m comfyfleet.sim.comfy'.",
+            show_default=False,
+        ),
+    ] = None,
+    attach: Annotated[
+        str | None,
+        typer.Option(
+            "--attach",
+            envvar="COMFY_URL",
+            metavar="URL",
+            help="Attach to the ComfyUI the image starts (Vast's ComfyUI template: "
+            "http://127.0.0.1:18188) instead of starting one; it is never stopped.",
+            show_default=False,
+        ),
+    ] = None,
+    port: Annotated[
+        int,
+        typer.Option(
+            "--port", envvar="COMFY_PORT", min=1, max=65535, help="ComfyUI's port on 127.0.0.1."
+        ),
+    ] = 8188,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict/--no-strict",
+            help="Fail without starting ComfyUI when a critical item is missing. --no-strict "
+            "starts it anyway.",
+        ),
+    ] = True,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-j", min=1, max=64, help="Files downloaded at once.")
+    ] = 4,
+    dropbox_links: Annotated[
+        Path | None,
+        typer.Option(
+            "--dropbox-links",
+            help="A links file (comfyfleet dropbox links) mapped onto the workspace, as for "
+            "'agent provision'. Default: $PROVISION_DROPBOX_LINKS_B64 when set.",
+            show_default=False,
+        ),
+    ] = None,
+    exit_when_ready: Annotated[
+        bool,
+        typer.Option(
+            "--exit-when-ready",
+            help="Exit 0 at ready and leave ComfyUI running; a later 'agent run' adopts it "
+            "(comfyui.pid) instead of starting a second one.",
+        ),
+    ] = False,
+) -> None:
+    """Provision the workspace, then start ComfyUI and keep it up: the agent's whole run.
+
+    Stages: booting, provisioning, downloading, starting_app, warming (when the
+    manifest names a warm-up workflow), ready; or failed with a reason
+    (provision_failed, comfy_crash_loop, warmup_failed, comfy_missing_nodes...), also
+    logged to WORKSPACE/provision_errors.log. At ready it prints ComfyUI's URL and
+    keeps supervising it (restarts after a crash) until Ctrl-C or SIGTERM, which
+    stop the ComfyUI it started or adopted, never one it attached to. Exits 1 on a
+    failure, 2 for an invalid manifest or option.
+    """
+    from comfyfleet.agent.provision import ProvisionOptions
+    from comfyfleet.agent.run import comfy_options_for
+    from comfyfleet.manifest import load_manifest
+
+    _quiet_agent_logs()
+    loaded = load_manifest(manifest)
+    links = _links(dropbox_links)
+    overrides: dict[str, Any] = {"port": port}
+    if comfy_command is not None:
+        overrides["command"] = comfy_command  # split as a shell would
+    if attach is not None:
+        overrides["attach_url"] = attach
+    comfy_options_for(loaded, workspace, overrides)  # a bad option: exit 2 before anything
+    options = ProvisionOptions(strict=strict, concurrency=concurrency, links=links)
+    with ConsoleReporter(err_console, live=True, show_stage=True) as reporter:
+        code = run(
+            _agent_run(
+                loaded,
+                workspace,
+                reporter,
+                options=options,
+                overrides=overrides,
+                exit_when_ready=exit_when_ready,
+            )
+        )
+    if code:
+        raise typer.Exit(code)
+
+
+async def _agent_run(
+    manifest: Manifest,
+    workspace: Path,
+    reporter: ConsoleReporter,
+    *,
+    options: ProvisionOptions,
+    overrides: dict[str, Any],
+    exit_when_ready: bool,
+) -> int:
+    """``run_agent``, then foreground supervision until a signal; returns the exit status."""
+    from comfyfleet.agent.run import run_agent
+
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    stop = asyncio.Event()
+    state = {"ready": False, "cancelled": False}
+
+    def on_signal(signum: signal.Signals) -> None:
+        if state["ready"]:
+            stop.set()
+        elif not state["cancelled"]:
+            # Before ready: end the run; it stops the ComfyUI it started on the way out.
+            state["cancelled"] = True
+            err_console.print(f"[yellow]{signum.name}: stopping[/]", highlight=False)
+            main.cancel()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        try:
+            result = await run_agent(
+                manifest,
+                workspace,
+                reporter=reporter,
+                provision_options=options,
+                comfy_options_overrides=overrides,
+            )
+        except asyncio.CancelledError:
+            if not state["cancelled"]:
+                raise
+            main.uncancel()
+            err_console.print("[yellow]interrupted before ComfyUI was ready[/]")
+            return 130
+        if not result.ok or result.supervisor is None:
+            err_console.print(
+                f"[bold red]error:[/] failed ({result.reason}): {result.message}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return 1
+        supervisor = result.supervisor
+        state["ready"] = True
+        console.print(f"ComfyUI is ready at {result.url}", highlight=False)
+        if exit_when_ready:
+            pid = supervisor.pid
+            await supervisor.detach()
+            if supervisor.attached:
+                console.print(f"Left the attached ComfyUI at {result.url} running", highlight=False)
+            else:
+                console.print(
+                    f"ComfyUI keeps running (pid {pid}); a later 'comfyfleet agent run' adopts it",
+                    highlight=False,
+                )
+            return 0
+        how = "attached" if supervisor.attached else f"pid {supervisor.pid}"
+        reporter.note(f"ComfyUI at {result.url} ({how}); Ctrl-C stops supervision")
+        return await _supervise(supervisor, stop)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def _supervise(supervisor: ComfySupervisor, stop: asyncio.Event) -> int:
+    """Keep supervising until ``stop`` is set (then stop ComfyUI) or supervision gives up."""
+    from comfyfleet.errors import ComfyfleetError
+
+    waiting = asyncio.ensure_future(supervisor.wait())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if stop.is_set():
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ComfyfleetError):
+            await waiting
+        pid = supervisor.pid
+        await supervisor.stop()
+        if supervisor.attached:
+            console.print(
+                "Stopped supervising; the attached ComfyUI keeps running", highlight=False
+            )
+        else:
+            console.print(f"Stopped ComfyUI (pid {pid})", highlight=False)
+        return 0
+    try:
+        waiting.result()
+    except ComfyfleetError as error:
+        reason = getattr(error, "reason", "agent_error")
+        err_console.print(
+            f"[bold red]error:[/] failed ({reason}): {error}", highlight=False, soft_wrap=True
+        )
+        return 1
+    err_console.print("[bold red]error:[/] supervision ended", highlight=False)
+    return 1
