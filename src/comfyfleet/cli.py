@@ -59,6 +59,9 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ProfileOption = Annotated[
+    str, typer.Option("--profile", "-p", help="Profile name in the fleet file.")
+]
 
 
 @app.callback()
@@ -97,9 +100,7 @@ def make_client() -> VastClient:
 @app.command()
 @friendly
 def offers(
-    profile: Annotated[
-        str, typer.Option("--profile", "-p", help="Profile name in the fleet file.")
-    ],
+    profile: ProfileOption,
     config: ConfigOption = None,
     explain: Annotated[
         bool,
@@ -160,9 +161,7 @@ def offers(
 @app.command()
 @friendly
 def rent(
-    profile: Annotated[
-        str, typer.Option("--profile", "-p", help="Profile name in the fleet file.")
-    ],
+    profile: ProfileOption,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -41,6 +41,7 @@ from comfyfleet.agent.sources import (
     format_links_file,
     safe_relative_path,
 )
+from comfyfleet.envvars import env_value
 from comfyfleet.errors import (
     DropboxError,
     DropboxScopeError,
@@ -74,7 +75,7 @@ APP_CONSOLE = "https://www.dropbox.com/developers/apps"
 
 def token_from_env(env: Mapping[str, str] | None = None) -> str:
     """``DROPBOX_TOKEN``, or ``MissingDropboxToken`` saying how to get one."""
-    token = (os.environ if env is None else env).get("DROPBOX_TOKEN", "").strip()
+    token = env_value(env, "DROPBOX_TOKEN")
     if not token:
         raise MissingDropboxToken(
             "missing DROPBOX_TOKEN: create an app at "

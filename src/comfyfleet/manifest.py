@@ -21,18 +21,15 @@ sources are resolved; both raise the same kind of error.
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, Literal, get_args, get_origin
+from typing import Annotated, Final, Literal
 from urllib.parse import unquote, urlsplit
 
-import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,6 +40,7 @@ from pydantic import (
 )
 
 from comfyfleet.errors import ManifestError
+from comfyfleet.yamlconfig import EXPECTED, YamlErrors, kind
 
 __all__ = [
     "SOURCE_SCHEMES",
@@ -67,6 +65,16 @@ _HEX64: Final = re.compile(r"^[0-9a-fA-F]{64}$")
 _COMMIT: Final = re.compile(r"^(?:[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
 _SCP_GIT: Final = re.compile(r"^[\w.-]+@[\w.-]+:.+$")
 
+# The manifest names the first error pydantic gives (not a misspelt key before
+# the others), and its only Literal is ``version: 1``.
+_YAML: Final = YamlErrors(
+    ManifestError,
+    width=60,
+    expected={**EXPECTED, "literal_error": "1"},
+    unknown_first=False,
+)
+_show: Final = _YAML.show
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -75,9 +83,7 @@ class _Strict(BaseModel):
 # ---------------------------------------------------------------- value checks
 
 
-def _sha256(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _sha256(value: str) -> str:
     v = value.strip()
     if not _HEX64.match(v):
         raise ValueError(f"expected a sha256: 64 hexadecimal characters, got {_show(value)}")
@@ -169,6 +175,11 @@ def _git_name(url: str) -> str:
 
 # ---------------------------------------------------------------- the models
 
+# The checked kinds of value that several entries hold.
+Source = Annotated[str, AfterValidator(_check_source)]
+Sha256 = Annotated[str, AfterValidator(_sha256)]
+FileName = Annotated[str, AfterValidator(_file_name)]
+
 
 class ComfyUI(_Strict):
     """Where ComfyUI lives in the workspace, how it starts, which Python installs into it."""
@@ -246,22 +257,17 @@ class CustomNode(_Strict):
 class Model(_Strict):
     """A model file: where it comes from and where it goes under ``models/``."""
 
-    source: str | None = Field(default=None, description="hf://, civitai://, https://...")
+    source: Source | None = Field(default=None, description="hf://, civitai://, https://...")
     sources: list[str] | None = Field(
         default=None, description="Several sources, tried in order (instead of source)."
     )
     dest: str = Field(description="Folder under models/, such as checkpoints or vae.")
-    name: str | None = Field(
+    name: FileName | None = Field(
         default=None, description="File name (default: the source's own file name)."
     )
-    sha256: str | None = Field(default=None, description="Expected sha256 (64 hex digits).")
+    sha256: Sha256 | None = Field(default=None, description="Expected sha256 (64 hex digits).")
     size: int | None = Field(default=None, ge=0, description="Expected size in bytes.")
     critical: bool = Field(default=True, description="A strict provision fails without it.")
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, value: str | None) -> str | None:
-        return None if value is None else _check_source(value)
 
     @field_validator("sources")
     @classmethod
@@ -284,16 +290,6 @@ class Model(_Strict):
                 f"not {_show(value)}"
             )
         return dest
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str | None) -> str | None:
-        return None if value is None else _file_name(value)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, value: str | None) -> str | None:
-        return _sha256(value)
 
     @model_validator(mode="after")
     def _one_source_key(self) -> Model:
@@ -325,26 +321,13 @@ class Model(_Strict):
 class Workflow(_Strict):
     """A ComfyUI workflow (JSON), put in ComfyUI's ``user/default/workflows/``."""
 
-    name: str | None = Field(default=None, description="File name (default: from file/source).")
+    name: FileName | None = Field(
+        default=None, description="File name (default: from file/source)."
+    )
     file: str | None = Field(default=None, description="A file next to the manifest.")
-    source: str | None = Field(default=None, description="A URL to download it from.")
-    sha256: str | None = None
+    source: Source | None = Field(default=None, description="A URL to download it from.")
+    sha256: Sha256 | None = None
     critical: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str | None) -> str | None:
-        return None if value is None else _file_name(value)
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, value: str | None) -> str | None:
-        return None if value is None else _check_source(value)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, value: str | None) -> str | None:
-        return _sha256(value)
 
     @model_validator(mode="after")
     def _one_origin(self) -> Workflow:
@@ -374,8 +357,8 @@ class ConfigFile(_Strict):
     path: str = Field(description="Where, relative to ComfyUI's folder.")
     content: str | None = None
     file: str | None = None
-    source: str | None = None
-    sha256: str | None = None
+    source: Source | None = None
+    sha256: Sha256 | None = None
     critical: bool = True
 
     @field_validator("path")
@@ -385,16 +368,6 @@ class ConfigFile(_Strict):
         if path == ".":
             raise ValueError("expected a file path, got '.'")
         return path
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, value: str | None) -> str | None:
-        return None if value is None else _check_source(value)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, value: str | None) -> str | None:
-        return _sha256(value)
 
     @model_validator(mode="after")
     def _one_origin(self) -> ConfigFile:
@@ -448,7 +421,7 @@ class Manifest(_Strict):
 
     def error(self, path: list[str | int], reason: str) -> ManifestError:
         """A ``ManifestError`` for the entry at ``path`` (``["models", 3]``), with its line."""
-        return _error(reason, path, self._text, self._source)
+        return _YAML.error(reason, path, self._text, self._source)
 
     @property
     def warmup(self) -> Workflow | None:
@@ -497,40 +470,25 @@ class WorkspaceLayout:
 
 def load_manifest(path: Path) -> Manifest:
     """Read and validate a manifest file; every problem is one ``ManifestError`` line."""
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError("no such file", source=source) from None
-    except IsADirectoryError:
-        raise ManifestError("expected a file, found a directory", source=source) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ManifestError(f"cannot read the file: {error}", source=source) from None
-    return parse_manifest(text, source=source, base_dir=path.parent)
+    return parse_manifest(_YAML.read(path), source=str(path), base_dir=path.parent)
 
 
 def parse_manifest(
     text: str, *, source: str = "manifest.yaml", base_dir: Path | None = None
 ) -> Manifest:
     """Validate a manifest's text; ``file:`` entries are relative to ``base_dir``."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as error:
-        raise ManifestError(_yaml_reason(error), source=source) from None
-    except yaml.YAMLError as error:
-        raise ManifestError(f"invalid YAML: {error}", source=source) from None
+    data = _YAML.load(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ManifestError(
-            f"expected a mapping (models:, custom_nodes:, ...) at the top, got {_kind(data)}",
+            f"expected a mapping (models:, custom_nodes:, ...) at the top, got {kind(data)}",
             source=source,
         )
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as error:
-        path, reason = _describe(error, data)
-        raise _error(reason, path, text, source) from None
+        _YAML.invalid(error, Manifest, text, source)
     manifest._source = source
     manifest._text = text
     manifest._base_dir = base_dir if base_dir is not None else Path(".")
@@ -636,162 +594,3 @@ def check_workspace(manifest: Manifest, workspace: Path) -> None:
             raise manifest.error(
                 ["workflows", i], "the workflows folder leads out of ComfyUI's through a symlink"
             )
-
-
-# ---------------------------------------------------------------- errors, one line each
-
-_BOUNDS: Final = {
-    "greater_than": ">",
-    "greater_than_equal": ">=",
-    "less_than": "<",
-    "less_than_equal": "<=",
-}
-_EXPECTED: Final = {
-    "int_type": "a whole number",
-    "int_parsing": "a whole number",
-    "int_from_float": "a whole number",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "string_type": "a string (quote it in YAML)",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "literal_error": "1",
-}
-
-
-def _error(reason: str, path: list[str | int], text: str, source: str) -> ManifestError:
-    line = _line_of(text, path) if text else None
-    if line is not None:
-        reason = f"{reason} (line {line})"
-    return ManifestError(reason, source=source, field=_dotted(path) or None)
-
-
-def _describe(error: ValidationError, data: Any) -> tuple[list[str | int], str]:
-    """The first error of a validation: its path as written in the file and a short reason."""
-    first = error.errors(include_url=False)[0]
-    loc: list[str | int] = list(first["loc"])
-    kind = first["type"]
-    ctx = first.get("ctx") or {}
-    value = first.get("input")
-    if kind == "missing":
-        reason = "expected a value: the field is required"
-    elif kind == "extra_forbidden":
-        reason = _unknown_field(loc)
-    elif kind in _BOUNDS:
-        bound = next(iter(ctx.values()), "?")
-        reason = f"expected a number {_BOUNDS[kind]} {_show(bound)}, got {_show(value)}"
-    elif kind == "value_error":
-        reason = str(ctx.get("error", first["msg"]))
-    elif kind in _EXPECTED:
-        reason = f"expected {_EXPECTED[kind]}, got {_show(value)}"
-    else:
-        reason = f"expected {first['msg'][0].lower()}{first['msg'][1:]}, got {_show(value)}"
-    return loc, reason
-
-
-def _model_at(loc: list[str | int]) -> type[BaseModel] | None:
-    """The pydantic model that holds the field at ``loc`` (its parent), or ``None``."""
-    model: type[BaseModel] = Manifest
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        inner = _model_in(field.annotation)
-        if inner is None:
-            return None
-        model = inner
-    return model
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) is not None or get_args(annotation):
-        for arg in get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _unknown_field(loc: list[str | int]) -> str:
-    name = str(loc[-1])
-    model = _model_at(loc)
-    known: Iterable[str] = model.model_fields if model is not None else ()
-    known = list(known)
-    close = difflib.get_close_matches(name, known, n=1)
-    if close:
-        return f"unknown field '{name}'; did you mean '{close[0]}'?"
-    return f"unknown field '{name}'; expected one of: {', '.join(known)}"
-
-
-def _dotted(path: list[str | int]) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _yaml_reason(error: yaml.MarkedYAMLError) -> str:
-    mark = error.problem_mark or error.context_mark
-    problem = error.problem or error.context or "syntax error"
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"invalid YAML{where}: {problem}"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 60 else repr(value[:57] + "...")
-    return _kind(value)
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return f"{type(value).__name__} {value!r}"[:60]
-
-
-def _line_of(text: str, path: list[str | int]) -> int | None:
-    """The 1-based line of the deepest node of ``path`` found in the YAML, or None."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-    if node is None:
-        return None
-    line: int = node.start_mark.line + 1
-    for part in path:
-        child: yaml.Node | None = None
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                    child, line = value, key.start_mark.line + 1
-                    break
-        elif (
-            isinstance(node, yaml.SequenceNode)
-            and isinstance(part, int)
-            and 0 <= part < len(node.value)
-        ):
-            child = node.value[part]
-            line = child.start_mark.line + 1
-        if child is None:
-            break
-        node = child
-    return line

@@ -27,14 +27,11 @@ included); GB of downloads are 10^9 bytes.
 
 from __future__ import annotations
 
-import difflib
-import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -46,6 +43,7 @@ from pydantic import (
 )
 
 from comfyfleet.errors import ConfigError
+from comfyfleet.yamlconfig import YamlErrors, kind
 
 __all__ = [
     "DEFAULT_BOOT_SECONDS",
@@ -79,6 +77,8 @@ MIN_DISK_GB: Final = 8.0
 MAX_MANIFEST_GB: Final = 1_000_000
 
 _COUNTRY: Final = re.compile(r"^[A-Z]{2}$")
+# A profile's name is its key in the file, never a field to suggest.
+_YAML: Final = YamlErrors(ConfigError, width=40, hidden=("name",))
 
 
 class _Strict(BaseModel):
@@ -300,38 +300,24 @@ def load_fleet(path: Path) -> Fleet:
     The error's ``source`` is the file, its ``field`` the dotted path of the bad
     field (``profiles.sdxl.max_price``), and its message says what was expected.
     """
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("no such file", source=source) from None
-    except IsADirectoryError:
-        raise ConfigError("expected a file, found a directory", source=source) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read the file: {error}", source=source) from None
-    return parse_fleet(text, source=source)
+    return parse_fleet(_YAML.read(path), source=str(path))
 
 
 def parse_fleet(text: str, *, source: str = "fleet.yaml") -> Fleet:
     """Validate a fleet file's text (``load_fleet`` without the file)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as error:
-        raise ConfigError(_yaml_reason(error), source=source) from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"invalid YAML: {error}", source=source) from None
+    data = _YAML.load(text, source)
     if data is None:
         raise ConfigError("the file is empty; expected a 'profiles:' mapping", source=source)
     if not isinstance(data, dict):
         raise ConfigError(
-            f"expected a mapping with a 'profiles:' key at the top, got {_kind(data)}",
+            f"expected a mapping with a 'profiles:' key at the top, got {kind(data)}",
             source=source,
         )
     _check_names_and_defaults(data, text, source)
     try:
         fleet = Fleet.model_validate(data)
     except ValidationError as error:
-        _raise_config_error(error, data, text, source)
+        _YAML.invalid(error, Fleet, text, source)
     fleet._source = source
     return fleet
 
@@ -341,7 +327,7 @@ def _check_names_and_defaults(data: dict[str, Any], text: str, source: str) -> N
     defaults = data.get("defaults")
     if isinstance(defaults, Mapping):
         if "name" in defaults:
-            raise _error(
+            raise _YAML.error(
                 "a profile's name is its key; expected no name in defaults",
                 ["defaults", "name"],
                 text,
@@ -350,188 +336,14 @@ def _check_names_and_defaults(data: dict[str, Any], text: str, source: str) -> N
         try:
             Profile.model_validate(defaults)
         except ValidationError as error:
-            _raise_config_error(error, defaults, text, source, prefix=["defaults"])
+            _YAML.invalid(error, Profile, text, source, prefix=["defaults"])
     profiles = data.get("profiles")
     if isinstance(profiles, Mapping):
         for key, own in profiles.items():
             if isinstance(own, Mapping) and "name" in own and own["name"] != key:
-                raise _error(
+                raise _YAML.error(
                     f"a profile's name is its key; expected '{key}' or no name",
                     ["profiles", key, "name"],
                     text,
                     source,
                 )
-
-
-def _raise_config_error(
-    error: ValidationError,
-    data: Any,
-    text: str,
-    source: str,
-    *,
-    prefix: list[str | int] | None = None,
-) -> NoReturn:
-    path, reason = _describe(error, data, prefix or [])
-    raise _error(reason, path, text, source) from None
-
-
-def _error(reason: str, path: list[str | int], text: str, source: str) -> ConfigError:
-    line = _line_of(text, path)
-    if line is not None:
-        reason = f"{reason} (line {line})"
-    return ConfigError(reason, source=source, field=_dotted(path) or None)
-
-
-def _dotted(path: list[str | int]) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _yaml_reason(error: yaml.MarkedYAMLError) -> str:
-    mark = error.problem_mark or error.context_mark
-    problem = error.problem or error.context or "syntax error"
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"invalid YAML{where}: {problem}"
-
-
-# ---------------------------------------------------------------- pydantic error -> one line
-
-_BOUNDS: Final = {
-    "greater_than": ">",
-    "greater_than_equal": ">=",
-    "less_than": "<",
-    "less_than_equal": "<=",
-}
-_EXPECTED: Final = {
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "finite_number": "a finite number",
-    "int_type": "a whole number",
-    "int_parsing": "a whole number",
-    "int_from_float": "a whole number",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "string_type": "a string (quote it in YAML)",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-}
-
-
-def _describe(
-    error: ValidationError, data: Any, prefix: list[str | int]
-) -> tuple[list[str | int], str]:
-    """The first error of a validation: its path (as written in the file) and a short reason."""
-    errors = error.errors(include_url=False)
-    # A misspelt key also makes the real one "missing": name the typo, not the gap.
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = [*prefix, *first["loc"]]
-    kind = first["type"]
-    ctx = first.get("ctx") or {}
-    value = first.get("input")
-    if kind == "missing":
-        reason = "expected a value: the field is required"
-    elif kind == "extra_forbidden":
-        reason = _unknown_field(loc, data)
-    elif kind in _BOUNDS:
-        bound = next(iter(ctx.values()), "?")
-        reason = f"expected a number {_BOUNDS[kind]} {_show(bound)}, got {_show(value)}"
-    elif kind in ("too_short", "too_long") and isinstance(value, str):
-        reason = f"expected {_length_wanted(kind, ctx, 'character')}, got {_show(value)}"
-    elif kind == "string_too_short":
-        reason = f"expected a non-empty string, got {_show(value)}"
-    elif kind == "too_short":
-        got = "none" if not value else _show(value)
-        reason = f"expected {_length_wanted(kind, ctx, 'entry')}, got {got}"
-    elif kind == "value_error":
-        reason = str(ctx.get("error", first["msg"]))
-    elif kind in _EXPECTED:
-        reason = f"expected {_EXPECTED[kind]}, got {_show(value)}"
-    else:
-        reason = f"expected {first['msg'][0].lower()}{first['msg'][1:]}, got {_show(value)}"
-    return loc, reason
-
-
-def _length_wanted(kind: str, ctx: Mapping[str, Any], unit: str) -> str:
-    if kind == "too_short":
-        n = ctx.get("min_length", 1)
-        return f"at least {n} {unit}{'s' if n != 1 else ''}"
-    n = ctx.get("max_length", 0)
-    return f"at most {n} {unit}{'s' if n != 1 else ''}"
-
-
-def _unknown_field(loc: list[str | int], data: Any) -> str:
-    name = str(loc[-1])
-    known: Iterable[str] = ()
-    parent = loc[:-1]
-    if parent == []:
-        known = Fleet.model_fields
-    elif parent == ["defaults"] or (parent[:1] == ["profiles"] and len(parent) == 2):
-        known = Profile.model_fields
-    elif parent == ["defaults", "pool"] or (
-        parent[:1] == ["profiles"] and len(parent) == 3 and parent[2] == "pool"
-    ):
-        known = PoolPolicy.model_fields
-    known = [k for k in known if k != "name"]
-    close = difflib.get_close_matches(name, known, n=1)
-    if close:
-        return f"unknown field '{name}'; did you mean '{close[0]}'?"
-    return f"unknown field '{name}'; expected one of: {', '.join(known)}"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 40 else repr(value[:37] + "...")
-    return _kind(value)
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return f"{type(value).__name__} {value!r}"[:60]
-
-
-def _line_of(text: str, path: list[str | int]) -> int | None:
-    """The 1-based line of the deepest node of ``path`` found in the YAML, or None."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-    if node is None:
-        return None
-    line = node.start_mark.line + 1
-    for part in path:
-        child: yaml.Node | None = None
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                    # An unknown or missing-valued field is best shown at its key.
-                    child, line = value, key.start_mark.line + 1
-                    break
-        elif (
-            isinstance(node, yaml.SequenceNode)
-            and isinstance(part, int)
-            and 0 <= part < len(node.value)
-        ):
-            child = node.value[part]
-            line = child.start_mark.line + 1
-        if child is None:
-            break
-        node = child
-    return line

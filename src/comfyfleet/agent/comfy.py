@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from comfyfleet.agent.report import ErrorLog, Level, Reporter, Stage
+from comfyfleet.agent.report import ErrorLog, Level, NullReporter, Reporter, Stage
 from comfyfleet.clock import Clock, SystemClock
 from comfyfleet.errors import (
     ComfyError,
@@ -1107,17 +1107,6 @@ class _Exited(Exception):
     """ComfyUI's process ended (or an attached ComfyUI stopped answering)."""
 
 
-class _NullReporter:
-    def stage(self, stage: Stage, reason: str | None = None) -> None:
-        pass
-
-    def progress(self, progress: object) -> None:
-        pass
-
-    def log(self, line: str, level: Level = "info") -> None:
-        pass
-
-
 SupervisorState = Literal["idle", "starting", "warming", "ready", "failed", "stopped"]
 
 
@@ -1145,7 +1134,7 @@ class ComfySupervisor:
     ) -> None:
         self.workspace = workspace
         self.options = options or ComfyOptions()
-        self.reporter: Reporter = reporter or _NullReporter()
+        self.reporter: Reporter = reporter or NullReporter()
         self.clock: Clock = clock or SystemClock()
         self.log_path = workspace / self.options.log_name
         self.pid_path = workspace / self.options.pid_name

@@ -467,6 +467,31 @@ def _sha_of(value: str | None) -> str | None:
     return v if len(v) == 64 and all(c in "0123456789abcdef" for c in v) else None
 
 
+def _result(
+    job: _Job,
+    status: Status,
+    t0: float,
+    attempts: int,
+    *,
+    sha256: str | None,
+    error: DownloadError | None = None,
+) -> FileResult:
+    """The result of a job that went to the network (``t0``: when the item started)."""
+    return FileResult(
+        dest=job.item.dest,
+        url=redact_url(job.item.url),
+        status=status,
+        size=job.size,
+        bytes_downloaded=job.received,
+        resumed_from=job.resumed_from,
+        sha256=sha256,
+        expected_sha256=job.expected_sha256,
+        attempts=attempts,
+        elapsed_s=time.monotonic() - t0,
+        error=error,
+    )
+
+
 def _hash_file(path: Path) -> str:
     hasher = _PrefixHasher()
     fd = os.open(path, os.O_RDONLY)
@@ -784,18 +809,7 @@ class Downloader:
                     continue
                 await self._commit(job)
                 self._emit("downloaded", job)
-                return FileResult(
-                    dest=job.item.dest,
-                    url=redact_url(job.item.url),
-                    status="downloaded",
-                    size=job.size,
-                    bytes_downloaded=job.received,
-                    resumed_from=job.resumed_from,
-                    sha256=actual,
-                    expected_sha256=job.expected_sha256,
-                    attempts=attempts,
-                    elapsed_s=time.monotonic() - t0,
-                )
+                return _result(job, "downloaded", t0, attempts, sha256=actual)
             except _NeedsResolve as exc:
                 if resolved_since_progress and job.received == progress_mark:
                     return self._fail(
@@ -864,19 +878,7 @@ class Downloader:
         log.error("DOWNLOAD FAILED %s: %s", job.item.dest, err)
         self._emit("failed", job, str(err))
         actual = err.actual if isinstance(err, HashMismatch) else None
-        return FileResult(
-            dest=job.item.dest,
-            url=redact_url(job.item.url),
-            status="failed",
-            size=job.size,
-            bytes_downloaded=job.received,
-            resumed_from=job.resumed_from,
-            sha256=actual,
-            expected_sha256=job.expected_sha256,
-            attempts=attempts,
-            elapsed_s=time.monotonic() - t0,
-            error=err,
-        )
+        return _result(job, "failed", t0, attempts, sha256=actual, error=err)
 
     # -- watchdog -----------------------------------------------------------
 
@@ -1189,7 +1191,7 @@ class Downloader:
         first, last = piece.pos, piece.end - 1
         headers = {**job.target_headers, "Range": f"bytes={first}-{last}"}
         writer = _Writer(self, job, piece.pos)
-        try:
+        with writer.keeping_on_failure(url):
             async with (
                 self._slot(url),
                 self._session.get(url, headers=headers, allow_redirects=False) as resp,
@@ -1221,19 +1223,13 @@ class Downloader:
                     f"connection closed after {piece.pos - first} bytes of "
                     f"{piece.end - first} from {redact_url(url)}"
                 )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            writer.flush_now()
-            raise _Retryable(f"{type(exc).__name__} from {redact_url(url)}: {exc}") from exc
-        except BaseException:
-            writer.flush_now()
-            raise
 
     async def _single(self, job: _Job) -> None:
         """One stream from byte 0, for servers without ranges (or files of unknown size)."""
         assert self._session is not None and job.target_url is not None
         url = job.target_url
         writer = _Writer(self, job, 0)
-        try:
+        with writer.keeping_on_failure(url):
             async with (
                 self._slot(url),
                 self._session.get(url, headers=job.target_headers, allow_redirects=False) as resp,
@@ -1257,12 +1253,6 @@ class Downloader:
                 raise _Retryable(f"short read: {pos} of {expected} bytes from {redact_url(url)}")
             if job.size is None:
                 job.size = pos
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            writer.flush_now()
-            raise _Retryable(f"{type(exc).__name__} from {redact_url(url)}: {exc}") from exc
-        except BaseException:
-            writer.flush_now()
-            raise
 
 
 class _Writer:
@@ -1308,6 +1298,18 @@ class _Writer:
         await self._job.submit(self._engine._pool_(), _write_all, self._job.fd, buf, offset)
         self._job.done.add(offset, offset + size)
         self._engine._kick_hasher(self._job)
+
+    @contextlib.contextmanager
+    def keeping_on_failure(self, url: str) -> Iterator[None]:
+        """Write what arrived when the stream fails or is cancelled; network errors retry."""
+        try:
+            yield
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.flush_now()
+            raise _Retryable(f"{type(exc).__name__} from {redact_url(url)}: {exc}") from exc
+        except BaseException:
+            self.flush_now()
+            raise
 
     def flush_now(self) -> None:
         """Write what is buffered on the spot (failure and cancellation paths)."""

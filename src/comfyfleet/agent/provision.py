@@ -62,7 +62,7 @@ from comfyfleet.agent.nodes import (
     head_commit,
     pip_install,
 )
-from comfyfleet.agent.report import ErrorLog, Level, Progress, Reporter, Stage
+from comfyfleet.agent.report import ErrorLog, Level, NullReporter, Progress, Reporter
 from comfyfleet.agent.sources import (
     DropboxLink,
     ResolvedSource,
@@ -83,6 +83,7 @@ from comfyfleet.manifest import (
     WorkspaceLayout,
     check_workspace,
 )
+from comfyfleet.yamlconfig import dotted
 
 __all__ = [
     "ItemResult",
@@ -264,17 +265,6 @@ class ProvisionSummary:
         }
 
 
-class _NullReporter:
-    def stage(self, stage: Stage, reason: str | None = None) -> None:
-        pass
-
-    def progress(self, progress: Progress) -> None:
-        pass
-
-    def log(self, line: str, level: Level = "info") -> None:
-        pass
-
-
 # ---------------------------------------------------------------- files to download
 
 
@@ -398,7 +388,7 @@ def _check_targets(manifest: Manifest, layout: WorkspaceLayout, tasks: Sequence[
             other = seen[path]
             raise manifest.error(
                 task.entry,
-                f"same target as {_dotted(other.entry)}: {layout.relative(path)}; "
+                f"same target as {dotted(other.entry)}: {layout.relative(path)}; "
                 "set name: on one of them",
             )
         seen[path] = task
@@ -408,13 +398,6 @@ def _check_targets(manifest: Manifest, layout: WorkspaceLayout, tasks: Sequence[
                 task.entry,
                 f"{layout.relative(path)} leads out of {layout.relative(base)} through a symlink",
             )
-
-
-def _dotted(entry: Sequence[str | int]) -> str:
-    out = ""
-    for part in entry:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _bad_name(name: str | None) -> str | None:
@@ -506,7 +489,7 @@ class Provisioner:
         self.manifest = manifest
         self.layout = manifest.layout(workspace)
         self.options = options or ProvisionOptions()
-        self.reporter: Reporter = reporter or _NullReporter()
+        self.reporter: Reporter = reporter or NullReporter()
         self.clock: Clock = clock or SystemClock()
         self.error_log = ErrorLog(self.layout.root)
         self._resolver = resolver

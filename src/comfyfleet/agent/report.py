@@ -13,20 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 Stage = Literal[
     "booting", "provisioning", "downloading", "starting_app", "warming", "ready", "failed"
 ]
-STAGES: tuple[Stage, ...] = (
-    "booting",
-    "provisioning",
-    "downloading",
-    "starting_app",
-    "warming",
-    "ready",
-    "failed",
-)
+"""The instance states the agent itself reports (``comfyfleet.lifecycle``'s names, from the
+container's start to ``ready``, and ``failed``); ``tests/test_lifecycle.py`` checks them."""
+STAGES: tuple[Stage, ...] = get_args(Stage)
 Level = Literal["info", "warning", "error"]
 
 ERROR_LOG_NAME = "provision_errors.log"
@@ -66,6 +60,19 @@ class Event:
     progress: Progress | None = None
     line: str | None = None
     level: Level = "info"
+
+
+class NullReporter:
+    """Drops every event (the default where a caller gives no reporter)."""
+
+    def stage(self, stage: Stage, reason: str | None = None) -> None:
+        pass
+
+    def progress(self, progress: Progress) -> None:
+        pass
+
+    def log(self, line: str, level: Level = "info") -> None:
+        pass
 
 
 @dataclass

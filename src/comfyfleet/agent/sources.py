@@ -48,6 +48,7 @@ from multidict import CIMultiDict
 
 from comfyfleet.agent.downloads import DownloadItem, DownloadOptions, redact_url
 from comfyfleet.clock import Clock, SystemClock
+from comfyfleet.envvars import env_value
 from comfyfleet.errors import (
     ConfigError,
     DownloadDomainNotAllowed,
@@ -202,28 +203,20 @@ class SourceSettings:
         ``DM_ALLOWED_DOMAINS`` (comma-separated; replaces the default list, as in the
         seeds) and ``DM_ALLOWED_HTTP_HOSTS``.
         """
-        e = os.environ if env is None else env
-
-        def get(name: str) -> str | None:
-            value = e.get(name, "").strip()
-            return value or None
-
         kw: dict[str, Any] = {}
         for name, variable in _ENDPOINT_VARIABLES.items():
-            value = get(variable)
+            value = env_value(env, variable)
             if value is not None:
                 kw[name] = value
-        domains = get("DM_ALLOWED_DOMAINS")
+        domains = env_value(env, "DM_ALLOWED_DOMAINS")
         if domains is not None:
             kw["allowed_domains"] = tuple(_split_list(domains))
-        http_hosts = get("DM_ALLOWED_HTTP_HOSTS")
+        http_hosts = env_value(env, "DM_ALLOWED_HTTP_HOSTS")
         if http_hosts is not None:
             kw["allowed_http_hosts"] = tuple(_split_list(http_hosts))
         return cls(
-            hf_token=get("HF_TOKEN")
-            or get("HUGGINGFACE_HUB_TOKEN")
-            or get("HUGGING_FACE_HUB_TOKEN"),
-            civitai_token=get("CIVITAI_TOKEN"),
+            hf_token=env_value(env, "HF_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+            civitai_token=env_value(env, "CIVITAI_TOKEN"),
             **kw,
         )
 

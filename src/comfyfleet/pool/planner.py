@@ -44,6 +44,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeAlias
 
+from comfyfleet.labels import make_label, parse_label
+from comfyfleet.lifecycle import BOOT_STAGES, TERMINAL_STATES, InstanceState
 from comfyfleet.pool.policy import HEARTBEAT_LOST, OK, STATES, Brakes, State, Verdict
 
 __all__ = [
@@ -72,20 +74,10 @@ __all__ = [
 _EPS: Final = 1e-9
 _RANK: Final = {state: i for i, state in enumerate(STATES)}
 # Nothing bills for these rows: they hold no slot and count against no cap.
-TERMINAL: Final[frozenset[State]] = frozenset({"destroyed", "failed"})
-# Instances that can be destroyed to get back under a cap: not busy, not on their way out.
-_CUTTABLE: Final = frozenset(
-    {
-        "requested",
-        "creating",
-        "booting",
-        "provisioning",
-        "downloading",
-        "starting_app",
-        "warming",
-        "ready",
-    }
-)
+TERMINAL: Final = TERMINAL_STATES
+# Instances that can be destroyed to get back under a cap: not busy, not on their way
+# out (``requested`` and the boot stages through ``ready``).
+_CUTTABLE: Final = frozenset({InstanceState.REQUESTED, *BOOT_STAGES})
 
 
 class PoolPolicyLike(Protocol):
@@ -264,33 +256,6 @@ Action: TypeAlias = Rent | Adopt | Replace | ScaleDown | Destroy | DestroyOrphan
 def changes_state(action: Action) -> bool:
     """Whether taking the action changes the world (every action but ``Alert``)."""
     return not isinstance(action, Alert)
-
-
-# ---------------------------------------------------------------- labels
-
-
-def make_label(fleet_id: str, instance_id: int) -> str:
-    """The provider label of an instance: ``cf-<fleet id>-<instance id>``."""
-    if not fleet_id:
-        raise ValueError("expected a non-empty fleet id")
-    if instance_id < 0:
-        raise ValueError(f"expected an instance id >= 0, got {instance_id}")
-    return f"cf-{fleet_id}-{instance_id}"
-
-
-def parse_label(label: str | None, fleet_id: str) -> int | None:
-    """The instance id in ``label`` when it is one of this fleet's labels, else ``None``.
-
-    ``cf-prod-eu-7`` belongs to fleet ``prod-eu``, not to fleet ``prod``; a label
-    that does not end in a number after the prefix is not one of ours.
-    """
-    if not label:
-        return None
-    prefix = f"cf-{fleet_id}-"
-    if not label.startswith(prefix):
-        return None
-    rest = label[len(prefix) :]
-    return int(rest) if rest.isascii() and rest.isdigit() else None
 
 
 # ---------------------------------------------------------------- planning

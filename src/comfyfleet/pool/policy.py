@@ -43,7 +43,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Literal, get_args
+from typing import Final, TypeAlias
+
+from comfyfleet.lifecycle import (
+    INSTANCE_STATE_NAMES,
+    LIVE_STATES,
+    TERMINAL_STATES,
+    InstanceState,
+    InstanceStateName,
+)
 
 __all__ = [
     "AGENT_FAILED",
@@ -74,40 +82,20 @@ __all__ = [
     "ports_mapped",
 ]
 
-State = Literal[
-    "requested",
-    "creating",
-    "booting",
-    "provisioning",
-    "downloading",
-    "starting_app",
-    "warming",
-    "ready",
-    "busy",
-    "draining",
-    "destroying",
-    "destroyed",
-    "failed",
-]
-"""The lifecycle of an instance (ARCHITECTURE.md), in order; ``failed`` can follow any
-state before ``destroyed``."""
-STATES: Final[tuple[State, ...]] = get_args(State)
+State: TypeAlias = InstanceStateName
+"""The lifecycle of an instance (``comfyfleet.lifecycle``), in order; ``failed`` can follow
+any state before ``destroyed``."""
+STATES: Final[tuple[State, ...]] = INSTANCE_STATE_NAMES
 
 # States the policy has nothing to judge in: the destroy is decided already.
-_NOT_JUDGED: Final = frozenset({"destroying", "destroyed", "failed"})
-# States in which an agent that has registered is expected to send heartbeats.
-_HEARTBEATING: Final = frozenset(
-    {
-        "booting",
-        "provisioning",
-        "downloading",
-        "starting_app",
-        "warming",
-        "ready",
-        "busy",
-        "draining",
-    }
-)
+_NOT_JUDGED: Final = frozenset({InstanceState.DESTROYING, *TERMINAL_STATES})
+# States in which an agent that has registered is expected to send heartbeats: from
+# the container's start (``booting``) through ``draining``.
+_HEARTBEATING: Final = LIVE_STATES - {
+    InstanceState.REQUESTED,
+    InstanceState.CREATING,
+    InstanceState.DESTROYING,
+}
 
 # ---- reason codes (machine-readable; metrics count failures by them)
 NO_SPACE: Final = "no_space"

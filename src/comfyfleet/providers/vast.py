@@ -32,6 +32,7 @@ import httpx
 from pydantic import ValidationError
 
 from comfyfleet import __version__
+from comfyfleet.envvars import env_value
 from comfyfleet.errors import (
     AuthError,
     ConfigError,
@@ -104,7 +105,7 @@ def gb_to_mb(gb: float) -> float:
 
 
 def _key_files(env: Mapping[str, str], home: Path) -> list[Path]:
-    xdg = env.get("XDG_CONFIG_HOME", "").strip()
+    xdg = env_value(env, "XDG_CONFIG_HOME")
     config_home = Path(xdg) if xdg else home / ".config"
     candidates = [config_home / "vastai" / "vast_api_key"]
     fallback = home / ".config" / "vastai" / "vast_api_key"
@@ -126,10 +127,8 @@ def resolve_api_key(env: Mapping[str, str] | None = None, home: Path | None = No
     Raises ``MissingAPIKey`` saying where to put one when none is found.
     """
     env = os.environ if env is None else env
-    for name in ("VAST_API_KEY", "VASTAI_API_KEY"):
-        value = env.get(name, "").strip()
-        if value:
-            return value
+    if key := env_value(env, "VAST_API_KEY", "VASTAI_API_KEY"):
+        return key
     if home is None:
         home = Path(env["HOME"]) if env.get("HOME") else Path.home()
     files = _key_files(env, home)
@@ -297,7 +296,7 @@ class VastClient:
         """A client with the key from ``resolve_api_key`` and the URL from ``$VAST_URL``."""
         env = os.environ if env is None else env
         api_key = resolve_api_key(env, home)
-        base_url = kw.pop("base_url", None) or env.get("VAST_URL", "").strip() or DEFAULT_BASE_URL
+        base_url = kw.pop("base_url", None) or env_value(env, "VAST_URL") or DEFAULT_BASE_URL
         return cls(api_key, base_url, **kw)
 
     def __repr__(self) -> str:

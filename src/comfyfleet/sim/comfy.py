@@ -40,7 +40,6 @@ import mimetypes
 import os
 import shutil
 import signal
-import socket
 import struct
 import sys
 import threading
@@ -57,6 +56,7 @@ import yaml
 from aiohttp import WSCloseCode, WSMsgType, web
 from PIL import Image
 
+from comfyfleet.sim.background import BackgroundApp, bind_loopback
 from comfyfleet.sim.comfy_nodes import (
     MODEL_FOLDERS,
     ExecContext,
@@ -1440,11 +1440,9 @@ class RunningComfySim:
     def __init__(self, config: ComfySimConfig, *, port: int = 0) -> None:
         self.sim = ComfySim(config)
         self._port = port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._server = BackgroundApp(
+            lambda: build_app(self.sim), name="sim-comfy", what="the ComfyUI simulator"
+        )
         self.url = ""
 
     @property
@@ -1457,58 +1455,22 @@ class RunningComfySim:
 
     def drop_websockets(self) -> int:
         """Close every open ``/ws`` connection now (a network blip); returns how many."""
-        if self._loop is None or self._loop.is_closed():
+        loop = self._server.loop
+        if loop is None or loop.is_closed():
             raise RuntimeError("the ComfyUI simulator is not running")
-        return asyncio.run_coroutine_threadsafe(self.sim.close_sockets(), self._loop).result(10)
+        return asyncio.run_coroutine_threadsafe(self.sim.close_sockets(), loop).result(10)
 
     def ws_url(self, client_id: str) -> str:
         return f"ws://127.0.0.1:{self.port}/ws?clientId={urllib.parse.quote(client_id)}"
 
     def __enter__(self) -> RunningComfySim:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self._port))
+        sock = bind_loopback(self._port)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self._thread = threading.Thread(
-            target=self._run, args=(sock,), name="sim-comfy", daemon=True
-        )
-        self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None or not self._ready.is_set():
-            raise RuntimeError("the ComfyUI simulator did not start") from self._error
+        self._server.start([sock])
         return self
 
-    def _run(self, sock: socket.socket) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._serve(sock))
-        except BaseException as exc:  # reported to the thread that called __enter__
-            self._error = exc
-            self._ready.set()
-        finally:
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
-
-    async def _serve(self, sock: socket.socket) -> None:
-        self._stop = asyncio.Event()
-        runner = web.AppRunner(build_app(self.sim), access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(runner.cleanup(), 5)
-
     def __exit__(self, *exc_info: object) -> None:
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop.set)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._server.stop()
 
 
 # -- the process -------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import json
@@ -57,6 +56,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 
 from comfyfleet.clock import Clock, SystemClock
+from comfyfleet.sim.background import BackgroundApp, bind_loopback
 
 #: Where a request arrived: the old generic routes, the hosts' front doors, the byte hosts.
 Route = Literal["files", "resolve", "cdn", "hf", "civitai", "dropbox"]
@@ -1610,11 +1610,7 @@ class RunningFileServer:
         self._dropbox_content_host = dropbox_content_host
         self._civitai_host = civitai_host
         self._dropbox_host = dropbox_host
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._app = BackgroundApp(self.server.app, name="sim-files", what="the file server")
         self.url = ""
         self.civitai_url = ""
         self.dropbox_url = ""
@@ -1655,9 +1651,7 @@ class RunningFileServer:
         }
 
     def __enter__(self) -> RunningFileServer:
-        main = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        main.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        main.bind(("127.0.0.1", self._port))
+        main = bind_loopback(self._port)
         port = main.getsockname()[1]
         socks = [main]
         self.url = f"http://127.0.0.1:{port}"
@@ -1685,43 +1679,8 @@ class RunningFileServer:
         self.server.cdn_base_url = self.cdn_url
         self.server.storage_base_url = self.storage_url
         self.server.dropbox_content_base_url = self.dropbox_content_url
-        self._thread = threading.Thread(
-            target=self._run, args=(socks,), name="sim-files", daemon=True
-        )
-        self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None:
-            raise RuntimeError("the file server did not start") from self._error
+        self._app.start(socks)
         return self
 
-    def _run(self, socks: list[socket.socket]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._serve(socks))
-        except BaseException as exc:  # reported to the thread that called __enter__
-            self._error = exc
-            self._ready.set()
-        finally:
-            loop.close()
-
-    async def _serve(self, socks: list[socket.socket]) -> None:
-        self._stop = asyncio.Event()
-        runner = web.AppRunner(self.server.app(), access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        for s in socks:
-            await web.SockSite(runner, s).start()
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(runner.cleanup(), 5)
-
     def __exit__(self, *exc_info: object) -> None:
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop.set)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._app.stop()

@@ -13,6 +13,18 @@ worker thread) give them one transaction each.
     # ... only now call the provider, with row.label
 """
 
+from comfyfleet.lifecycle import (
+    BOOT_STAGES,
+    INSTANCE_TRANSITIONS,
+    JOB_TERMINAL_STATES,
+    JOB_TRANSITIONS,
+    LIVE_STATES,
+    TERMINAL_STATES,
+    InstanceState,
+    JobState,
+    can_transition,
+    can_transition_job,
+)
 from comfyfleet.store.blocklist import (
     DEFAULT_BLOCK_TTL_S,
     active_blocks,
@@ -58,18 +70,6 @@ from comfyfleet.store.leases import (
     release_lease,
     renew_lease,
     require_current_epoch,
-)
-from comfyfleet.store.lifecycle import (
-    BOOT_STAGES,
-    INSTANCE_TRANSITIONS,
-    JOB_TERMINAL_STATES,
-    JOB_TRANSITIONS,
-    LIVE_STATES,
-    TERMINAL_STATES,
-    InstanceState,
-    JobState,
-    can_transition,
-    can_transition_job,
 )
 from comfyfleet.store.models import (
     AuditRow,

@@ -14,7 +14,6 @@ and transactions are serializable, as the lease and the slot rules assume.
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +28,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from comfyfleet.envvars import env_value
 from comfyfleet.errors import ConfigError, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -48,12 +48,11 @@ _MIGRATE_LOCK_KEY = 0x636F6D6679666C74  # "comfyflt"
 
 def data_dir(env: Mapping[str, str] | None = None) -> Path:
     """The directory for comfyfleet's state (the SQLite store among it)."""
-    env = os.environ if env is None else env
-    if explicit := env.get("COMFYFLEET_DATA_DIR", "").strip():
+    if explicit := env_value(env, "COMFYFLEET_DATA_DIR"):
         return Path(explicit).expanduser()
-    if xdg := env.get("XDG_DATA_HOME", "").strip():
+    if xdg := env_value(env, "XDG_DATA_HOME"):
         return Path(xdg).expanduser() / "comfyfleet"
-    home = env.get("HOME", "").strip()
+    home = env_value(env, "HOME")
     return (Path(home) if home else Path.home()) / ".local" / "share" / "comfyfleet"
 
 
@@ -77,8 +76,7 @@ def normalize_database_url(url: str) -> str:
 
 def database_url(env: Mapping[str, str] | None = None) -> str:
     """The store's URL: ``$DATABASE_URL``, or the SQLite file under the data directory."""
-    env = os.environ if env is None else env
-    if explicit := env.get("DATABASE_URL", "").strip():
+    if explicit := env_value(env, "DATABASE_URL"):
         return normalize_database_url(explicit)
     return f"sqlite:///{data_dir(env) / DB_FILENAME}"
 

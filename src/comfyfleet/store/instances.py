@@ -23,13 +23,20 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from comfyfleet.errors import (
-    ConfigError,
     IllegalTransition,
     SlotTaken,
     StaleInstanceState,
     UnknownInstance,
 )
-from comfyfleet.store.lifecycle import (
+
+# The label helpers live in comfyfleet.labels (the planner reads labels without a
+# database); re-exported here as the store's own.
+from comfyfleet.labels import LABEL_PREFIX as LABEL_PREFIX
+from comfyfleet.labels import check_fleet_id as check_fleet_id
+from comfyfleet.labels import instance_id_from_label as instance_id_from_label
+from comfyfleet.labels import label_prefix as label_prefix
+from comfyfleet.labels import make_label as make_label
+from comfyfleet.lifecycle import (
     INSTANCE_TRANSITIONS,
     LIVE_STATES,
     TERMINAL_STATES,
@@ -38,9 +45,6 @@ from comfyfleet.store.lifecycle import (
 )
 from comfyfleet.store.models import LIVE_SLOT_INDEX, AuditRow, InstanceRow
 
-LABEL_PREFIX = "cf-"
-_FLEET_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-
 
 @dataclass(frozen=True)
 class ProfileUsage:
@@ -48,37 +52,6 @@ class ProfileUsage:
 
     count: int
     dph_total: float
-
-
-def make_label(fleet_id: str, instance_id: int) -> str:
-    """The label every contract carries: ``cf-<fleet id>-<instance id>``."""
-    return f"{LABEL_PREFIX}{fleet_id}-{instance_id}"
-
-
-def label_prefix(fleet_id: str) -> str:
-    """The start of every label of this fleet (the orphan sweep touches nothing else)."""
-    return f"{LABEL_PREFIX}{fleet_id}-"
-
-
-def instance_id_from_label(label: str | None, fleet_id: str) -> int | None:
-    """The instance id in one of this fleet's labels; None for any other label."""
-    prefix = label_prefix(fleet_id)
-    if not label or not label.startswith(prefix):
-        return None
-    rest = label[len(prefix) :]
-    # "cf-a-b-3" belongs to fleet "a-b", not to fleet "a".
-    return int(rest) if rest.isascii() and rest.isdigit() else None
-
-
-def check_fleet_id(fleet_id: str) -> str:
-    """``fleet_id`` if it can go in a label; a ``ConfigError`` otherwise."""
-    if not _FLEET_ID.match(fleet_id):
-        raise ConfigError(
-            f"fleet id {fleet_id!r} must be 1 to 32 lowercase letters, digits, '-' or '_', "
-            "starting with a letter or digit",
-            field="fleet_id",
-        )
-    return fleet_id
 
 
 _SECRET_PATTERNS = (
@@ -132,7 +105,7 @@ def create_instance(
         fleet_id=fleet_id,
         profile=profile,
         slot=slot,
-        label=f"{LABEL_PREFIX}{fleet_id}-pending-{uuid.uuid4().hex}",
+        label=f"{label_prefix(fleet_id)}pending-{uuid.uuid4().hex}",
         state=InstanceState.REQUESTED,
         provider=provider,
         offer_id=offer_id,

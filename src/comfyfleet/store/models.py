@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from comfyfleet.store.lifecycle import TERMINAL_STATES, InstanceState, JobState
+from comfyfleet.lifecycle import TERMINAL_STATES, InstanceState, JobState
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from comfyfleet.errors import StoreError
+from comfyfleet.lifecycle import TOKEN_REVOKED_STATES
 from comfyfleet.store.instances import get_instance
-from comfyfleet.store.lifecycle import TOKEN_REVOKED_STATES
 from comfyfleet.store.models import InstanceRow
 
 TOKEN_PREFIX = "cft_"

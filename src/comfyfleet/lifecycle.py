@@ -1,7 +1,8 @@
 """The lifecycles of an instance and of a job: their states and the legal moves.
 
-Pure data and functions, no database: the store validates every transition with
-them, and the reconciler and the failure policy can plan with them.
+Pure data and functions, no database (importing it never loads SQLAlchemy): the
+store validates every transition with them, and the reconcile planner, the failure
+policy and the agent's stage reports name their states after them.
 
 An instance moves ``requested → creating → booting → provisioning → downloading →
 starting_app → warming → ready ⇄ busy → draining → destroying → destroyed``, and to
@@ -26,6 +27,23 @@ free and it counts against no cap.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal, get_args
+
+__all__ = [
+    "BOOT_STAGES",
+    "INSTANCE_STATE_NAMES",
+    "INSTANCE_TRANSITIONS",
+    "JOB_TERMINAL_STATES",
+    "JOB_TRANSITIONS",
+    "LIVE_STATES",
+    "TERMINAL_STATES",
+    "TOKEN_REVOKED_STATES",
+    "InstanceState",
+    "InstanceStateName",
+    "JobState",
+    "can_transition",
+    "can_transition_job",
+]
 
 
 class InstanceState(StrEnum):
@@ -42,6 +60,27 @@ class InstanceState(StrEnum):
     DESTROYING = "destroying"
     DESTROYED = "destroyed"
     FAILED = "failed"
+
+
+InstanceStateName = Literal[
+    "requested",
+    "creating",
+    "booting",
+    "provisioning",
+    "downloading",
+    "starting_app",
+    "warming",
+    "ready",
+    "busy",
+    "draining",
+    "destroying",
+    "destroyed",
+    "failed",
+]
+"""``InstanceState``'s values as a type, in the same order, for code that handles the
+states as plain strings (the pool's planner and policy). A type checker cannot derive
+it from the enum; ``tests/test_lifecycle.py`` checks that the two agree."""
+INSTANCE_STATE_NAMES: tuple[InstanceStateName, ...] = get_args(InstanceStateName)
 
 
 class JobState(StrEnum):
