@@ -20,7 +20,7 @@ __all__ = ["BackgroundApp", "bind_loopback"]
 
 def bind_loopback(port: int = 0) -> socket.socket:
     """A TCP socket bound to 127.0.0.1:``port`` (0: any free port), not yet listening."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     return sock
