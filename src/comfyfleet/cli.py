@@ -22,6 +22,8 @@ from comfyfleet.clikit import console, err_console, friendly, run
 from comfyfleet.commands import agent as agent_commands
 from comfyfleet.commands import dropbox as dropbox_commands
 from comfyfleet.commands import manifest as manifest_commands
+from comfyfleet.commands.connect import connect
+from comfyfleet.commands.serve import serve
 from comfyfleet.config import find_fleet_file
 from comfyfleet.market import rank_for, rent_best
 from comfyfleet.offers import RankedOffer, Ranking
@@ -46,6 +48,8 @@ sim_app = typer.Typer(help="Local simulators that speak the real protocols.", no
 app.add_typer(sim_app, name="sim")
 app.add_typer(manifest_commands.app, name="manifest")
 app.add_typer(agent_commands.app, name="agent")
+agent_commands.app.command("connect")(connect)
+app.command("serve")(serve)
 app.add_typer(dropbox_commands.app, name="dropbox")
 
 ConfigOption = Annotated[

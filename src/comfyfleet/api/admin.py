@@ -1,0 +1,193 @@
+"""The admin API: the pool's status, prewarm, reprovision, terminate, and an instance's events.
+
+Every route needs the admin key (``api/auth.py``). The actions go to the
+``PoolControl`` the app was made with (``api/control.py``); without one they
+answer 503. The views never show a secret: the store holds none in clear, and the
+reasons and messages in it are scrubbed when written.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from comfyfleet.api.auth import check_admin_key
+from comfyfleet.api.context import ApiContext, context
+from comfyfleet.api.control import PoolActionError, PoolControl
+from comfyfleet.api.models import (
+    EventsPage,
+    InstanceView,
+    PoolView,
+    PrewarmRequest,
+    ReprovisionRequest,
+    TerminateRequest,
+)
+from comfyfleet.errors import UnknownInstance
+from comfyfleet.lifecycle import LIVE_STATES, TERMINAL_STATES
+from comfyfleet.store.instances import get_instance, live_instances
+from comfyfleet.store.models import InstanceRow
+
+__all__ = ["ADMIN_ACTOR", "instance_view", "router"]
+
+ADMIN_ACTOR = "admin"
+
+
+def require_admin(request: Request) -> None:
+    check_admin_key(request, context(request).settings.admin_api_key)
+
+
+router = APIRouter(prefix="/api", tags=["admin"], dependencies=[Depends(require_admin)])
+
+Ctx = Annotated[ApiContext, Depends(context)]
+
+
+def instance_view(row: InstanceRow, now: float) -> InstanceView:
+    """What the admin API shows of an instance."""
+    end = row.ended_at if row.ended_at is not None else now
+    estimated = row.cost_so_far <= 0 and row.dph_total is not None
+    cost = (row.dph_total or 0.0) * max(0.0, end - row.created_at) / 3600 if estimated else 0.0
+    heartbeat = row.last_heartbeat_at
+    return InstanceView(
+        id=row.id,
+        label=row.label,
+        profile=row.profile,
+        slot=row.slot,
+        state=row.state.value,
+        provider=row.provider,
+        provider_contract_id=row.provider_contract_id,
+        machine_id=row.machine_id,
+        gpu_name=row.gpu_name,
+        dph_total=row.dph_total,
+        actual_status=row.actual_status,
+        status_msg=row.status_msg,
+        public_ip=row.public_ip,
+        ports=row.ports,
+        ssh_host=row.ssh_host,
+        ssh_port=row.ssh_port,
+        cost_so_far=round(cost if estimated else row.cost_so_far, 6),
+        cost_estimated=estimated,
+        failure_reason=row.failure_reason,
+        progress=row.progress,
+        registered_at=row.registered_at,
+        last_heartbeat_at=heartbeat,
+        heartbeat_age_s=None if heartbeat is None else max(0.0, now - heartbeat),
+        stage_entered_at=row.stage_entered_at,
+        created_at=row.created_at,
+        ready_at=row.ready_at,
+        ended_at=row.ended_at,
+    )
+
+
+@router.get("/admin/pool")
+async def pool_status(
+    ctx: Ctx,
+    include_ended: Annotated[
+        bool, Query(description="Also list destroyed and failed instances (the newest 200).")
+    ] = False,
+) -> PoolView:
+    """Every live instance (``requested`` through ``destroying``), oldest first."""
+    now = ctx.clock.now()
+
+    def read(session: Session) -> list[InstanceView]:
+        rows = live_instances(session)
+        if include_ended:
+            ended = session.execute(
+                select(InstanceRow)
+                .where(InstanceRow.state.in_(sorted(TERMINAL_STATES)))
+                .order_by(InstanceRow.id.desc())
+                .limit(200)
+            ).scalars()
+            rows = sorted([*rows, *ended], key=lambda row: row.id)
+        return [instance_view(row, now) for row in rows]
+
+    views = await ctx.store.run(read)
+    burn = sum(v.dph_total or 0.0 for v in views if v.state in {s.value for s in LIVE_STATES})
+    return PoolView(
+        at=now,
+        pool_control=ctx.pool is not None,
+        burn_dollars_per_hour=round(burn, 6),
+        instances=views,
+    )
+
+
+def _pool(ctx: ApiContext) -> PoolControl:
+    if ctx.pool is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="no pool runs in this control plane: start `comfyfleet serve` with the pool "
+            "(a fleet file with profiles) to prewarm, reprovision or terminate",
+        )
+    return ctx.pool
+
+
+def _refused(error: PoolActionError | UnknownInstance) -> HTTPException:
+    code = status.HTTP_404_NOT_FOUND if isinstance(error, UnknownInstance) else error.status
+    return HTTPException(code, detail=str(error))
+
+
+@router.post("/admin/pool/prewarm")
+async def prewarm(body: PrewarmRequest, ctx: Ctx) -> dict[str, Any]:
+    """Rent ``count`` more instances of ``profile`` now; answers the ids recorded."""
+    pool = _pool(ctx)
+    try:
+        ids = await pool.prewarm(body.profile, body.count, actor=ADMIN_ACTOR)
+    except PoolActionError as error:
+        raise _refused(error) from None
+    return {"profile": body.profile, "requested": body.count, "instance_ids": ids}
+
+
+@router.post("/admin/pool/reprovision")
+async def reprovision(body: ReprovisionRequest, ctx: Ctx) -> dict[str, Any]:
+    """Replace one instance, or every live instance of a profile, with fresh ones."""
+    pool = _pool(ctx)
+    try:
+        ids = await pool.reprovision(
+            instance_id=body.instance_id, profile=body.profile, actor=ADMIN_ACTOR
+        )
+    except (PoolActionError, UnknownInstance) as error:
+        raise _refused(error) from None
+    return {"instance_ids": ids}
+
+
+@router.post("/admin/instances/{instance_id}/terminate")
+async def terminate(
+    instance_id: int,
+    ctx: Ctx,
+    body: Annotated[TerminateRequest | None, Body()] = None,
+) -> dict[str, Any]:
+    """Destroy an instance; answers its state once the pool has taken the order."""
+    pool = _pool(ctx)
+    reason = (body or TerminateRequest()).reason
+    try:
+        await pool.terminate(instance_id, reason=reason, actor=ADMIN_ACTOR)
+        state = await ctx.store.run(lambda session: get_instance(session, instance_id).state)
+    except (PoolActionError, UnknownInstance) as error:
+        raise _refused(error) from None
+    return {"instance_id": instance_id, "state": state.value}
+
+
+@router.get("/instances/{instance_id}/events")
+async def instance_events(
+    instance_id: int,
+    ctx: Ctx,
+    after: Annotated[int, Query(ge=0, description="The last sequence number already seen.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> EventsPage:
+    """The instance's state and the stage, progress and log events after ``after``."""
+    try:
+        row = await ctx.store.run(lambda session: get_instance(session, instance_id))
+    except UnknownInstance as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(error)) from None
+    events, last, missed = ctx.events.since(instance_id, after, limit=limit)
+    return EventsPage(
+        instance_id=instance_id,
+        state=row.state.value,
+        failure_reason=row.failure_reason,
+        progress=row.progress,
+        last=last,
+        missed=missed,
+        events=[event.as_json() for event in events],
+    )
