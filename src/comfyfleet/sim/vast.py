@@ -1426,6 +1426,17 @@ class VastSim:
                 if i.exists(now)
             ]
 
+    def list_instances_v1(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``GET /api/v1/instances/``: filters and orders the contract columns of every
+        instance, then builds the whole row only for the page it returns."""
+        with self._lock:
+            now = self.settle()
+            live = {i.id: i for i in self.instances.values() if i.exists(now)}
+            rows = [_contract_row(live[k], now) for k in sorted(live)]
+            return list_instances_v1(
+                rows, params, full=lambda ids: [_instance_row(live[k], now) for k in ids]
+            )
+
     def manage_instance(self, instance_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
         """``PUT /instances/{id}/``: ``state`` (running/stopped) and/or ``label``."""
         with self._lock:
@@ -1762,6 +1773,34 @@ def _status_msg(inst: SimInstance, status: str | None) -> str | None:
     return None
 
 
+def _contract_row(inst: SimInstance, now: float) -> dict[str, Any]:
+    """Only the columns stored on the contract (``V1_FILTER_COLUMNS``), as
+    ``_instance_row`` shows them: what the v1 listing filters and orders on."""
+    status = inst.actual_status(now)
+    contract_state = "stopped" if inst.intended == "stopped" else "running"
+    return {
+        "id": inst.id,
+        "actual_status": status,
+        "intended_status": inst.intended,
+        "cur_state": contract_state,
+        "next_state": contract_state,
+        "label": inst.label,
+        "machine_id": inst.offer.get("machine_id"),
+        "host_id": inst.offer.get("host_id"),
+        "image_uuid": inst.image_uuid,
+        "image_runtype": inst.runtype,
+        "start_date": inst.created_at,
+        "end_date": inst.offer.get("end_date"),
+        "status_msg": _status_msg(inst, status),
+        "template_id": None,
+        "template_hash_id": None,
+        "disk_space": inst.disk_gb,
+        "is_bid": inst.is_bid,
+        "ssh_port": inst.ssh_port,
+        "public_ipaddr": "127.0.0.1",
+    }
+
+
 def _instance_row(inst: SimInstance, now: float) -> dict[str, Any]:
     """The instance as ``GET /instances/`` shows it (reference §1.3 and §4)."""
     status = inst.actual_status(now)
@@ -1962,8 +2001,17 @@ def _decode_token(token: str) -> dict[str, Any]:
         raise SimApiError(400, {"error": "invalid_token"}) from None
 
 
-def list_instances_v1(rows: list[dict[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
-    """``GET /api/v1/instances/``: filter, order, cursor-paginate (reference §1.3)."""
+def list_instances_v1(
+    rows: list[dict[str, Any]],
+    params: Mapping[str, Any],
+    *,
+    full: Callable[[list[int]], list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """``GET /api/v1/instances/``: filter, order, cursor-paginate (reference §1.3).
+
+    ``full`` builds the whole rows of the page from their ids when ``rows`` carry
+    only the contract columns the listing filters and orders on.
+    """
     filters = params.get("select_filters") or {}
     if not isinstance(filters, dict):
         raise _invalid_request("Error in query parameters: select_filters must be an object")
@@ -1994,6 +2042,9 @@ def list_instances_v1(rows: list[dict[str, Any]], params: Mapping[str, Any]) -> 
         hits = [r for r in hits if _after_cursor(r, after, order)]
     page = hits[:limit]
     more = len(hits) > limit
+    cursor = _encode_token({col: page[-1].get(col) for col, _ in order}) if more and page else None
+    if full is not None:
+        page = full([int(r["id"]) for r in page])
     select = params.get("select_cols")
     if isinstance(select, list) and select and "*" not in select:
         page = [{k: r.get(k) for k in ["id", *select]} for r in page]
@@ -2006,9 +2057,7 @@ def list_instances_v1(rows: list[dict[str, Any]], params: Mapping[str, Any]) -> 
         "instances_found": len(page),
         "total_instances": len(rows),
         "label_counts": labels,
-        "next_token": (
-            _encode_token({col: page[-1].get(col) for col, _ in order}) if more and page else None
-        ),
+        "next_token": cursor,
         "instances": page,
     }
 
@@ -2151,7 +2200,7 @@ def create_app(sim: VastSim) -> FastAPI:
                 "next_token",
             )
         }
-        return _json(list_instances_v1(sim.list_instances(), params))
+        return _json(sim.list_instances_v1(params))
 
     @route("/api/v0/instances/{instance_id}/", ["GET"])
     async def show_instance(instance_id: str, request: Request) -> Response:
