@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -36,8 +36,7 @@ from comfyfleet.errors import ConfigError
 
 if TYPE_CHECKING:
     from comfyfleet.agent.comfy import ComfySupervisor
-    from comfyfleet.agent.provision import ProvisionOptions
-    from comfyfleet.manifest import Manifest
+    from comfyfleet.agent.run import AgentResult
 
 app = typer.Typer(
     help="The agent that provisions a workspace and runs ComfyUI.", no_args_is_help=True
@@ -380,7 +379,7 @@ def run_command(
     failure, 2 for an invalid manifest or option.
     """
     from comfyfleet.agent.provision import ProvisionOptions
-    from comfyfleet.agent.run import comfy_options_for
+    from comfyfleet.agent.run import comfy_options_for, run_agent
     from comfyfleet.manifest import load_manifest
 
     _quiet_agent_logs()
@@ -395,31 +394,31 @@ def run_command(
     options = ProvisionOptions(strict=strict, concurrency=concurrency, links=links)
     with ConsoleReporter(err_console, live=True, show_stage=True) as reporter:
         code = run(
-            _agent_run(
-                loaded,
-                workspace,
-                reporter,
-                options=options,
-                overrides=overrides,
+            run_and_supervise(
+                run_agent(
+                    loaded,
+                    workspace,
+                    reporter=reporter,
+                    provision_options=options,
+                    comfy_options_overrides=overrides,
+                ),
                 exit_when_ready=exit_when_ready,
+                note=reporter.note,
             )
         )
     if code:
         raise typer.Exit(code)
 
 
-async def _agent_run(
-    manifest: Manifest,
-    workspace: Path,
-    reporter: ConsoleReporter,
+async def run_and_supervise(
+    agent_run: Coroutine[Any, Any, AgentResult],
     *,
-    options: ProvisionOptions,
-    overrides: dict[str, Any],
     exit_when_ready: bool,
+    note: Callable[[str], None] | None = None,
 ) -> int:
-    """``run_agent``, then foreground supervision until a signal; returns the exit status."""
-    from comfyfleet.agent.run import run_agent
-
+    """Await the agent's run (``run_agent``), then supervise ComfyUI in the foreground
+    until SIGINT/SIGTERM; returns the exit status. ``agent run`` and ``agent connect``
+    both end here."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -440,13 +439,7 @@ async def _agent_run(
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         try:
-            result = await run_agent(
-                manifest,
-                workspace,
-                reporter=reporter,
-                provision_options=options,
-                comfy_options_overrides=overrides,
-            )
+            result = await agent_run
         except asyncio.CancelledError:
             if not state["cancelled"]:
                 raise
@@ -475,7 +468,8 @@ async def _agent_run(
                 )
             return 0
         how = "attached" if supervisor.attached else f"pid {supervisor.pid}"
-        reporter.note(f"ComfyUI at {result.url} ({how}); Ctrl-C stops supervision")
+        if note is not None:
+            note(f"ComfyUI at {result.url} ({how}); Ctrl-C stops supervision")
         return await _supervise(supervisor, stop)
     finally:
         for signum in signals:

@@ -12,10 +12,8 @@ keeps ComfyUI supervised, with heartbeats, until SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +26,12 @@ from comfyfleet.agent.remote import AgentAuthError, Registration, RemoteReporter
 from comfyfleet.agent.report import FanOut
 from comfyfleet.clikit import console, err_console, friendly, run
 from comfyfleet.clock import SystemClock
+from comfyfleet.commands.agent import run_and_supervise
 from comfyfleet.envvars import env_value
-from comfyfleet.errors import ComfyfleetError, ConfigError
+from comfyfleet.errors import ConfigError
 
 if TYPE_CHECKING:
-    from comfyfleet.agent.comfy import ComfySupervisor
+    pass
 
 __all__ = ["MANIFEST_NAME", "InstanceEnv", "connect", "read_instance_env"]
 
@@ -187,7 +186,7 @@ async def _connect(
                 reporter.stage("failed", CONFIG_INVALID)
                 reporter.log(f"AGENT FAILED ({CONFIG_INVALID}): {error}", "error")
                 return 2
-            return await _run_and_supervise(
+            return await run_and_supervise(
                 run_agent(
                     manifest,
                     found.workspace,
@@ -212,72 +211,3 @@ def _write_manifest(workspace: Path, manifest: dict[str, Any]) -> Path:
     path = workspace / MANIFEST_NAME
     path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
     return path
-
-
-async def _run_and_supervise(agent_run: Any, *, exit_when_ready: bool) -> int:
-    """Await the agent's run, then supervise ComfyUI until a signal; the exit status."""
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
-    stop = asyncio.Event()
-    state = {"ready": False, "cancelled": False}
-
-    def on_signal(signum: signal.Signals) -> None:
-        if state["ready"]:
-            stop.set()
-        elif not state["cancelled"]:
-            state["cancelled"] = True
-            err_console.print(f"[yellow]{signum.name}: stopping[/]", highlight=False)
-            main.cancel()
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        try:
-            result = await agent_run
-        except asyncio.CancelledError:
-            if not state["cancelled"]:
-                raise
-            main.uncancel()
-            return 130
-        if not result.ok or result.supervisor is None:
-            err_console.print(
-                f"[bold red]error:[/] failed ({result.reason}): {result.message}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            return 1
-        state["ready"] = True
-        console.print(f"ComfyUI is ready at {result.url}", highlight=False)
-        if exit_when_ready:
-            await result.supervisor.detach()
-            return 0
-        return await _supervise(result.supervisor, stop)
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
-
-
-async def _supervise(supervisor: ComfySupervisor, stop: asyncio.Event) -> int:
-    waiting = asyncio.ensure_future(supervisor.wait())
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-    if stop.is_set():
-        waiting.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ComfyfleetError):
-            await waiting
-        await supervisor.stop()
-        console.print("Stopped ComfyUI", highlight=False)
-        return 0
-    try:
-        waiting.result()
-    except ComfyfleetError as error:
-        # The supervisor has reported ``failed`` with its reason already.
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        return 1
-    err_console.print("[bold red]error:[/] supervision ended", highlight=False)
-    return 1
