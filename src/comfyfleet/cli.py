@@ -21,6 +21,7 @@ from comfyfleet import __version__
 from comfyfleet.clikit import console, err_console, friendly, run
 from comfyfleet.commands import agent as agent_commands
 from comfyfleet.commands import dropbox as dropbox_commands
+from comfyfleet.commands import fleet as fleet_commands
 from comfyfleet.commands import manifest as manifest_commands
 from comfyfleet.commands.connect import connect
 from comfyfleet.commands.serve import serve
@@ -50,6 +51,10 @@ app.add_typer(manifest_commands.app, name="manifest")
 app.add_typer(agent_commands.app, name="agent")
 agent_commands.app.command("connect")(connect)
 app.command("serve")(serve)
+app.command("up")(fleet_commands.up)
+app.command("monitor")(fleet_commands.monitor)
+app.command("pool")(fleet_commands.pool)
+app.command("audit")(fleet_commands.audit)
 app.add_typer(dropbox_commands.app, name="dropbox")
 
 ConfigOption = Annotated[
@@ -300,6 +305,24 @@ def sim_vast(
         list[str] | None,
         typer.Option("--fault", help="Inject a fault (repeatable); see the list below."),
     ] = None,
+    run_onstart: Annotated[
+        bool,
+        typer.Option(
+            "--run-onstart",
+            help="Run each instance's onstart on this machine once it is running (the real "
+            "agent, from this installation); kill it at destroy, stop or offline.",
+        ),
+    ] = False,
+    workspace_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--workspace-root",
+            file_okay=False,
+            help="With --run-onstart: where instances' workspaces go, one folder per "
+            "contract id (default: a temporary folder, removed at exit).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the Vast.ai simulator in the foreground, on 127.0.0.1 only.
 
@@ -315,6 +338,8 @@ def sim_vast(
             api_key=api_key,
             credit=credit,
             faults=list(fault or []),
+            run_onstart=run_onstart,
+            workspace_root=workspace_root.expanduser().resolve() if workspace_root else None,
         ),
         port=port,
     )

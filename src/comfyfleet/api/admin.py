@@ -8,6 +8,7 @@ reasons and messages in it are scrubbed when written.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
@@ -26,7 +27,7 @@ from comfyfleet.api.models import (
     TerminateRequest,
 )
 from comfyfleet.errors import UnknownInstance
-from comfyfleet.lifecycle import LIVE_STATES, TERMINAL_STATES
+from comfyfleet.lifecycle import LIVE_STATES, TERMINAL_STATES, InstanceState
 from comfyfleet.store.instances import get_instance, live_instances
 from comfyfleet.store.models import InstanceRow
 
@@ -169,25 +170,94 @@ async def terminate(
     return {"instance_id": instance_id, "state": state.value}
 
 
+#: The longest a reader may ask ``GET /instances/{id}/events`` to hold its answer.
+MAX_EVENTS_WAIT_S = 30.0
+#: How often a held request re-reads the instance's row: the reconciler moves it without
+#: an agent event (to destroying, to failed), and the reader must hear of that too.
+EVENTS_STATE_POLL_S = 0.5
+
+
 @router.get("/instances/{instance_id}/events")
 async def instance_events(
     instance_id: int,
     ctx: Ctx,
     after: Annotated[int, Query(ge=0, description="The last sequence number already seen.")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_EVENTS_WAIT_S,
+            description="Long-poll: with no event after ``after`` yet, hold the answer up to "
+            "this many seconds for the next event or a change of the instance's state.",
+        ),
+    ] = 0.0,
+    state: Annotated[
+        InstanceState | None,
+        Query(
+            description="With ``wait``: the state the reader last saw; an instance no longer "
+            "in it is answered at once."
+        ),
+    ] = None,
 ) -> EventsPage:
-    """The instance's state and the stage, progress and log events after ``after``."""
-    try:
-        row = await ctx.store.run(lambda session: get_instance(session, instance_id))
-    except UnknownInstance as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(error)) from None
+    """The instance's state and the stage, progress and log events after ``after``.
+
+    With ``wait``, an instance that has nothing new and has not ended (and is still in
+    ``state``, when given) is answered as soon as its agent reports again or its state
+    changes, else after ``wait`` seconds.
+    An ``after`` beyond the newest sequence number (the control plane restarted and
+    numbers began again) is answered at once, with the events there are.
+    """
+    row = await _state_of(ctx, instance_id)
+    newest = ctx.events.last_seq(instance_id)
+    if after > newest:
+        after = 0  # a cursor from before a restart: the numbers began again
+    elif (
+        wait > 0
+        and after == newest
+        and row[0] not in TERMINAL_STATES
+        and (state is None or state is row[0])
+    ):
+        await _hold(ctx, instance_id, after, wait, row)
     events, last, missed = ctx.events.since(instance_id, after, limit=limit)
+    # Read after the events: the store commits a stage before the buffer gets its event,
+    # so the state is never older than the events answered with it.
+    found = await ctx.store.run(lambda session: get_instance(session, instance_id))
+    log_file = await asyncio.to_thread(ctx.logs.existing_path, instance_id)
     return EventsPage(
         instance_id=instance_id,
-        state=row.state.value,
-        failure_reason=row.failure_reason,
-        progress=row.progress,
+        state=found.state.value,
+        failure_reason=found.failure_reason,
+        progress=found.progress,
         last=last,
         missed=missed,
         events=[event.as_json() for event in events],
+        log_file=None if log_file is None else str(log_file),
     )
+
+
+_RowState = tuple[InstanceState, str | None]
+
+
+async def _state_of(ctx: ApiContext, instance_id: int) -> _RowState:
+    def read(session: Session) -> _RowState:
+        row = get_instance(session, instance_id)
+        return row.state, row.failure_reason
+
+    try:
+        return await ctx.store.run(read)
+    except UnknownInstance as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(error)) from None
+
+
+async def _hold(
+    ctx: ApiContext, instance_id: int, after: int, wait: float, seen: _RowState
+) -> None:
+    """Return at the instance's next event, a change of its row, or after ``wait`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while (remaining := deadline - loop.time()) > 0:
+        if await ctx.events.wait(instance_id, after, min(EVENTS_STATE_POLL_S, remaining)):
+            return
+        if await _state_of(ctx, instance_id) != seen:
+            return

@@ -5,6 +5,8 @@ instance (1, 2, ...) and goes into that instance's buffer, where
 ``GET /api/instances/{id}/events?after=N`` reads it. The buffer keeps the newest
 ``per_instance`` events, and the buffers of the ``instances`` instances that
 reported last; what falls out is counted, so a reader learns how many it missed.
+A reader may also ``wait`` for the next event of an instance (the long-poll of
+``?wait=S``): ``append`` wakes it at once, from whatever thread or loop appends.
 
 Each event is also appended, as it arrives, to
 ``<data dir>/logs/provision_<id>_<timestamp>.log`` (seed 000's ``logs/``): one file
@@ -42,6 +44,27 @@ class RecordedEvent:
         return {"seq": self.seq, **self.data}
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A reader waiting on its own event loop for an instance's next event."""
+
+    loop: asyncio.AbstractEventLoop
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wake(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        try:
+            if running is self.loop:
+                self.event.set()
+            else:
+                self.loop.call_soon_threadsafe(self.event.set)
+        except RuntimeError:  # its loop has closed: nobody is waiting any more
+            pass
+
+
 @dataclass
 class _Instance:
     events: deque[RecordedEvent]
@@ -57,6 +80,7 @@ class EventBuffer:
         self.per_instance = per_instance
         self.max_instances = instances
         self._by_instance: OrderedDict[int, _Instance] = OrderedDict()
+        self._waiters: dict[int, set[_Waiter]] = {}
         self._lock = threading.Lock()
 
     def append(self, instance_id: int, events: list[dict[str, Any]]) -> list[RecordedEvent]:
@@ -77,7 +101,41 @@ class EventBuffer:
                 event = RecordedEvent(entry.last_seq, data)
                 entry.events.append(event)
                 recorded.append(event)
-            return recorded
+            waiters = self._waiters.pop(instance_id, set()) if recorded else set()
+        for waiter in waiters:
+            waiter.wake()
+        return recorded
+
+    def last_seq(self, instance_id: int) -> int:
+        """The instance's newest sequence number (0: none since the control plane started)."""
+        with self._lock:
+            entry = self._by_instance.get(instance_id)
+            return 0 if entry is None else entry.last_seq
+
+    async def wait(self, instance_id: int, after: int, seconds: float) -> bool:
+        """Wait up to ``seconds`` for an event of the instance after ``after``.
+
+        True as soon as there is one (at once when there already is), False on timeout.
+        """
+        waiter = _Waiter(asyncio.get_running_loop())
+        with self._lock:
+            entry = self._by_instance.get(instance_id)
+            if entry is not None and entry.last_seq > after:
+                return True
+            self._waiters.setdefault(instance_id, set()).add(waiter)
+        try:
+            async with asyncio.timeout(max(0.0, seconds)):
+                await waiter.event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(instance_id)
+                if waiting is not None:
+                    waiting.discard(waiter)
+                    if not waiting:
+                        del self._waiters[instance_id]
+        return self.last_seq(instance_id) > after
 
     def since(
         self, instance_id: int, after: int = 0, *, limit: int = 1000
@@ -144,6 +202,14 @@ class ProvisionLogs:
         if entry is None:
             entry = self._files[instance_id] = _LogFile(self._find_or_name(instance_id, now))
         return entry.path
+
+    def existing_path(self, instance_id: int) -> Path | None:
+        """The instance's log file if there is one on disk yet (blocking: run it on a thread)."""
+        entry = self._files.get(instance_id)
+        if entry is not None:
+            return entry.path if entry.path.exists() else None
+        found = sorted(self.directory.glob(f"provision_{instance_id}_*.log"))
+        return found[-1] if found else None
 
     def _find_or_name(self, instance_id: int, now: float) -> Path:
         existing = sorted(self.directory.glob(f"provision_{instance_id}_*.log"))

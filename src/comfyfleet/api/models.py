@@ -195,3 +195,5 @@ class EventsPage(BaseModel):
     #: Events after ``after`` that are no longer kept in memory (the buffer is bounded).
     missed: int
     events: list[dict[str, Any]]
+    #: The instance's provision log file on the control plane's machine, once it has one.
+    log_file: str | None = None
