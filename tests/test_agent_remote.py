@@ -28,16 +28,11 @@ from comfyfleet.api import AgentProfile, ComfySpec
 from comfyfleet.clock import ManualClock, SystemClock
 from comfyfleet.sim.files import FileServer, RunningFileServer
 from comfyfleet.store import InstanceState, Store, audit_trail, get_instance, revoke_token
-from tests import test_api
 from tests.conftest import BIN, REPO
 from tests.test_agent_run import SIM_COMMAND, comfy_sims_under
 from tests.test_api import T0, Api, free_port, rent, serve_app, served
 
 # The store fixtures of the API's tests: the same SQLite and PostgreSQL stores.
-pg_schema = test_api.pg_schema
-sqlite_template = test_api.sqlite_template
-sqlite_store = test_api.sqlite_store
-store = test_api.store
 
 S = InstanceState
 BOOT: tuple[Stage, ...] = ("provisioning", "downloading", "starting_app", "warming", "ready")

@@ -14,14 +14,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +26,9 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from fastapi import Request
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
 from comfyfleet.api import (
     SHA256_HEADER,
@@ -60,90 +54,18 @@ from comfyfleet.store import (
     get_instance,
     issue_token,
     live_instances,
-    migrate,
-    normalize_database_url,
     revoke_token,
     transition,
 )
 from tests.conftest import BIN, REPO
 
 S = InstanceState
-PG_URL = os.environ.get("COMFYFLEET_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-TABLES = ("instances", "audit_log", "machine_blocklist", "leases", "jobs")
 ADMIN_KEY = "admin-key-" + "x" * 32
 T0 = 1_700_000_000.0
 
 
-# ------------------------------------------------------------------ the store
-
-
-@pytest.fixture(scope="session")
-def pg_schema() -> Iterator[tuple[sa.Engine, str, str]]:
-    """A PostgreSQL schema migrated once per run (admin engine, schema, url); dropped at the end."""
-    admin = sa.create_engine(normalize_database_url(PG_URL), pool_pre_ping=True)
-    try:
-        with admin.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-    except OperationalError as error:
-        admin.dispose()
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_URL} ({str(error.orig).strip()}): start it "
-            "(service postgresql start) or set COMFYFLEET_TEST_DATABASE_URL; the API's "
-            "tests run on SQLite and on PostgreSQL and are never skipped.",
-            pytrace=False,
-        )
-    schema = f"cf_api_{uuid.uuid4().hex[:12]}"
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(normalize_database_url(PG_URL)).update_query_dict(
-        {"options": f"-csearch_path={schema}"}
-    )
-    rendered = url.render_as_string(hide_password=False)
-    try:
-        migrate(rendered)
-        yield admin, schema, rendered
-    finally:
-        with admin.begin() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("api-store") / "template.db"
-    migrate(f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """A migrated store with no rows: a SQLite file, or the PostgreSQL schema emptied."""
-    if request.param == "sqlite":
-        path = tmp_path / "store.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        url = f"sqlite:///{path}"
-    else:
-        admin, schema, url = request.getfixturevalue("pg_schema")
-        tables = ", ".join(f'"{schema}".{table}' for table in TABLES)
-        with admin.begin() as connection:
-            connection.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    opened = Store.open(url, migrate=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
-@pytest.fixture
-def sqlite_store(tmp_path: Path, sqlite_template: Path) -> Iterator[Store]:
-    """The SQLite store alone, for what does not depend on the database."""
-    path = tmp_path / "store.db"
-    shutil.copyfile(sqlite_template, path)
-    opened = Store.open(f"sqlite:///{path}", migrate=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
+# ------------------------------------------------------------------ rentals
+# (the store, on SQLite and on PostgreSQL: ``store`` and ``sqlite_store`` in tests/conftest.py)
 
 
 @dataclass

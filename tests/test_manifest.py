@@ -427,3 +427,36 @@ def test_manifest_check_of_a_bad_manifest_is_one_red_line_and_exit_2(
     assert len(lines) == 1
     assert f"{path}: models[0].dest: expected a folder under models/" in lines[0]
     assert "(line 3)" in lines[0]
+
+
+def test_inlined_carries_the_files_beside_the_manifest_to_an_agent_elsewhere(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "t2i.json").write_text('{"1": {"class_type": "SaveImage"}}')
+    (tmp_path / "extra.yaml").write_text("comfyui:\n  base_path: /workspace\n")
+    path = write(
+        tmp_path,
+        """
+        workflows:
+          - file: flows/t2i.json
+        config_files:
+          - path: extra_model_paths.yaml
+            file: extra.yaml
+        warmup_workflow: t2i.json
+        """,
+    )
+    inlined = load_manifest(path).inlined()
+    (workflow,) = inlined.workflows
+    assert workflow.file is None and workflow.name == "t2i.json"
+    assert json.loads(workflow.content or "") == {"1": {"class_type": "SaveImage"}}
+    assert inlined.config_files[0].content == "comfyui:\n  base_path: /workspace\n"
+    assert inlined.warmup is workflow
+    # What the control plane sends at registration parses back on the agent's side.
+    again = Manifest.model_validate(inlined.model_dump(mode="json"))
+    assert again.workflows[0].content == workflow.content
+
+    (tmp_path / "flows" / "t2i.json").unlink()
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path).inlined()
+    assert "flows/t2i.json" in str(caught.value)

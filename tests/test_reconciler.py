@@ -17,23 +17,19 @@ import asyncio
 import http.server
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
 from comfyfleet.agent.bootstrap import (
     INSTANCE_ENV_VARS,
@@ -63,15 +59,11 @@ from comfyfleet.store import (
     current_lease,
     find_instance_by_label,
     get_instance,
-    migrate,
-    normalize_database_url,
     transition,
     verify_token,
 )
 
 S = InstanceState
-PG_URL = os.environ.get("COMFYFLEET_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-TABLES = ("audit_log", "instances", "jobs", "leases", "machine_blocklist")
 FLEET = "t1"
 CONTROL_URL = "http://127.0.0.1:8700/api"
 API_KEY = "sim-key-for-the-reconciler"
@@ -80,78 +72,8 @@ T0 = 1_700_000_000.0
 RUNNING_AFTER = 60.0
 
 
-# ------------------------------------------------------------------ the store, twice
-
-
-@pytest.fixture(scope="session")
-def pg_admin() -> Iterator[sa.Engine]:
-    engine = sa.create_engine(normalize_database_url(PG_URL), pool_pre_ping=True)
-    try:
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-    except OperationalError as error:
-        engine.dispose()
-        pytest.fail(
-            f"PostgreSQL is not reachable ({str(error.orig).strip()}): start it or point "
-            "COMFYFLEET_TEST_DATABASE_URL at one; the reconciler's tests are never skipped.",
-            pytrace=False,
-        )
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture(scope="session")
-def pg_schema(pg_admin: sa.Engine) -> Iterator[tuple[str, str]]:
-    """A PostgreSQL schema migrated once per run and dropped at the end: (schema, url)."""
-    schema = f"cf_rec_{uuid.uuid4().hex[:12]}"
-    with pg_admin.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = (
-        make_url(normalize_database_url(PG_URL))
-        .update_query_dict({"options": f"-csearch_path={schema}"})
-        .render_as_string(hide_password=False)
-    )
-    try:
-        migrate(url)
-        yield schema, url
-    finally:
-        with pg_admin.begin() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("reconciler") / "template.db"
-    migrate(f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture
-def pg_url(pg_admin: sa.Engine, pg_schema: tuple[str, str]) -> str:
-    """The migrated PostgreSQL schema, emptied."""
-    schema, url = pg_schema
-    tables = ", ".join(f'"{schema}".{table}' for table in TABLES)
-    with pg_admin.begin() as connection:
-        connection.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    return url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        path = tmp_path / "store.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        url = f"sqlite:///{path}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    opened = Store.open(url, migrate=False)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
 # ------------------------------------------------------------------ the simulator
+# (the store, on SQLite and on PostgreSQL: ``store`` and ``pg_url`` in tests/conftest.py)
 
 
 @pytest.fixture

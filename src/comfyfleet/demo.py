@@ -1,144 +1,192 @@
 """``comfyfleet demo``: the whole flow on the embedded defaults, no account, no network.
 
-It starts the Vast.ai simulator on loopback, then drives it with the same
-client and ranking code that talk to the real marketplace: rank offers for the
-example profile, rent the best, follow it to ``running``, read its logs,
-destroy it and show what it cost. Then it does what the agent does on that
-instance: provision a small workspace from a manifest (models from the
-file-server simulator's Hugging Face and Civitai, through the production
-resolvers and download engine) and start ComfyUI (the ComfyUI simulator, as a
-real process) until it is ready, then stop it. Later stages (pool, jobs) join
-this same demo as they land.
+Everything runs on this machine, through the production code paths:
+
+1. the Vast.ai simulator's marketplace, ranked for the example profile by the cost
+   model (the production client and ranking);
+2. the control plane as ``comfyfleet serve`` builds it (store, admin API, agent
+   endpoints, reconcile loop), its pool set to keep one instance ready;
+3. the simulator runs each rented instance's onstart as a real process: the real
+   agent dials home, downloads the manifest's models from the file-server
+   simulator (standing in for Hugging Face and Civitai) and starts the ComfyUI
+   simulator, followed live as ``comfyfleet up --wait`` follows it;
+4. a forced failure: the first host's disk fills up extracting the image (seed
+   002), so that instance is destroyed, its machine blocklisted and a replacement
+   rented, once the destroy is confirmed;
+5. a prewarm through the admin API (``POST /api/admin/pool/prewarm``);
+6. everything destroyed, the dollars spent, and the demo's own wall time.
+
+Later stages (jobs) join this same demo as they land.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import sys
+import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from rich.console import Console
 
-from comfyfleet.agent.comfy import ComfyClient
-from comfyfleet.agent.report import Level, Progress, Stage
-from comfyfleet.agent.run import run_agent
-from comfyfleet.agent.sources import SourceResolver, SourceSettings
-from comfyfleet.clock import ScaledClock
+from comfyfleet.clock import ScaledClock, SystemClock
 from comfyfleet.errors import ComfyfleetError
-from comfyfleet.manifest import load_manifest
-from comfyfleet.market import create_request_for, new_label, rank_for
+from comfyfleet.market import rank_for
 from comfyfleet.offers import usual_pick
-from comfyfleet.profiles import load_fleet
+from comfyfleet.profiles import Fleet, Profile, load_fleet
 from comfyfleet.providers.vast import VastClient
 from comfyfleet.sim.files import FileServer, RunningFileServer
 from comfyfleet.sim.vast import RunningSim, SimConfig
-from comfyfleet.views import instances_table, offers_table, ranked_row
+from comfyfleet.views import offers_table, ranked_row
 
 DEMO_KEY = "demo-key"
+DEMO_ADMIN_KEY = "demo-admin-key-" + "0" * 24
 # Simulated seconds per real second: a few minutes of boot pass in seconds.
 DEMO_CLOCK_SPEED = 60.0
 READY_TIMEOUT_S = 60.0
 MiB = 1 << 20
 DEMO_CIVITAI_TOKEN = "demo-civitai-token"
-# ComfyUI's readiness deadline in the demo: the simulator answers within seconds.
-COMFY_READY_TIMEOUT_S = 60.0
+PROFILE = "default"
 
 
 async def run_demo(console: Console, *, config: Path, profile_name: str, seed: int) -> None:
-    profile = load_fleet(config).get(profile_name)
+    started = time.monotonic()
+    if not console.is_terminal:
+        console.width = max(console.width, 150)  # a log keeps the tables on one line each
+    chosen = load_fleet(config).get(profile_name)
     sim_config = SimConfig(seed=seed, offers=600, api_key=DEMO_KEY, credit=50.0)
-    with RunningSim(sim_config, clock=ScaledClock(DEMO_CLOCK_SPEED)) as sim:
-        console.rule("[bold]comfyfleet demo")
-        console.print(f"Vast.ai simulator listening on {sim.url} (clock x{DEMO_CLOCK_SPEED:g})")
-        async with VastClient(DEMO_KEY, sim.url) as client:
-            user = await client.current_user()
-            credit_before = user.credit
-            console.print(f"Account {user.id}: credit ${credit_before:.2f}\n")
-
-            console.rule(f"1. Rank offers for profile '{profile_name}' from {config}")
-            ranking = await rank_for(client, profile, explain=True)
-            rows = [ranked_row(i + 1, r) for i, r in enumerate(ranking.accepted[:8])]
+    with (
+        tempfile.TemporaryDirectory(prefix="comfyfleet-demo-") as tmp,
+        RunningFileServer(FileServer()) as files,
+        _environ({**files.env(), "CIVITAI_TOKEN": DEMO_CIVITAI_TOKEN}),
+        _quiet("comfyfleet.pool", "comfyfleet.api"),
+    ):
+        root = Path(tmp)
+        sim_config.run_onstart = True
+        sim_config.workspace_root = root / "instances"
+        sim_config.host_env = {**files.env(), "COMFY_PORT": "0"}
+        with RunningSim(sim_config, clock=ScaledClock(DEMO_CLOCK_SPEED)) as sim:
+            console.rule("[bold]comfyfleet demo")
             console.print(
-                offers_table(
-                    rows,
-                    f"{len(ranking.accepted)} offers pass, {len(ranking.rejected)} rejected",
-                )
+                f"Vast.ai simulator on {sim.url} (clock x{DEMO_CLOCK_SPEED:g}); file-server "
+                f"simulator on {files.url} for Hugging Face and Civitai",
+                highlight=False,
             )
-            if not ranking.accepted:
-                raise ComfyfleetError("the simulator's catalog has no offer for this profile")
-            best = ranking.accepted[0]
-            naive = usual_pick([r.offer for r in ranking.accepted], profile)
-            if naive is not None and naive.offer.id != best.offer.id:
-                console.print(
-                    f"The cheapest $/h offer ({naive.offer.id}, ${naive.offer.dph_total:.3f}/h, "
-                    f"{naive.offer.inet_down:.0f} Mb/s) would take "
-                    f"{naive.estimate.minutes_to_ready:.0f} min and "
-                    f"${naive.estimate.dollars_to_ready:.3f} to get ready; the top pick takes "
-                    f"{best.estimate.minutes_to_ready:.0f} min and "
-                    f"${best.estimate.dollars_to_ready:.3f}."
-                )
-            for rejection in ranking.rejected[:3]:
-                console.print(
-                    f"  rejected {rejection.offer.id} ({rejection.offer.gpu_name}): "
-                    + "; ".join(rejection.reasons)
-                )
-
-            console.rule(f"2. Rent offer {best.offer.id}")
-            label = new_label(profile_name)
-            instance_id = await client.create_instance(
-                best.offer.id, create_request_for(profile, label)
-            )
-            console.print(f"Instance {instance_id} created with label {label}")
-
-            console.rule("3. Follow it until it runs")
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            last = None
-            with console.status("waiting for the instance") as status:
-                while True:
-                    inst = await client.get_instance(instance_id)
-                    state = (inst.actual_status, inst.status_msg)
-                    if state != last:
-                        console.print(
-                            f"  status {inst.actual_status or '(none yet)'}: "
-                            f"{inst.status_msg or ''}"
-                        )
-                        last = state
-                    status.update(f"instance {instance_id}: {inst.actual_status or 'requested'}")
-                    if inst.actual_status == "running":
-                        break
-                    if time.monotonic() > deadline:
-                        await client.destroy_instance(instance_id)
-                        raise ComfyfleetError(
-                            f"instance {instance_id} did not reach running in time; destroyed it"
-                        )
-                    await asyncio.sleep(0.25)
-            console.print(instances_table([inst]))
-
-            console.rule("4. Its logs")
-            text = await client.instance_logs(instance_id, tail=20)
-            console.print(text.rstrip() or "(empty)", highlight=False, markup=False)
-
-            console.rule("5. Destroy it")
-            await client.destroy_instance(instance_id)
-            remaining = [i for i in await client.list_instances() if i.id == instance_id]
-            console.print(
-                f"Destroyed instance {instance_id}; still listed: {'yes' if remaining else 'no'}"
-            )
-            user = await client.current_user()
-            console.print(
-                f"Credit ${user.credit:.4f} (spent ${credit_before - user.credit:.4f} "
-                "of simulated time)"
-            )
-    await provision_and_start(console)
-    console.rule("[bold green]demo finished")
+            async with VastClient(DEMO_KEY, sim.url) as client:
+                credit_before = (await client.current_user()).credit
+                console.print(f"Account credit ${credit_before:.2f}\n")
+                await _rank(console, client, chosen, profile_name, config)
+            profile = _demo_profile(chosen, _workspace(files, root))
+            await _pool(console, sim, profile, root)
+            async with VastClient(DEMO_KEY, sim.url) as client:
+                credit_after = (await client.current_user()).credit
+                listed = await client.list_instances()
+    console.rule("7. What it cost")
+    console.print(
+        f"Credit ${credit_before:.2f} → ${credit_after:.4f}: "
+        f"[bold]${credit_before - credit_after:.4f}[/] spent on simulated GPU time; "
+        f"{len(listed)} instance(s) still rented.",
+        highlight=False,
+    )
+    console.rule(f"[bold green]demo finished in {time.monotonic() - started:.1f} s")
 
 
-# --------------------------------------------------------------------------- the agent
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """The control plane's own log lines off for the block: the demo shows the same facts."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment for the block (the control plane sizes the
+    manifest from the sources, found through these variables)."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+async def _rank(
+    console: Console, client: VastClient, profile: Profile, name: str, config: Path
+) -> None:
+    console.rule(f"1. Rank offers for profile '{name}' from {config}")
+    ranking = await rank_for(client, profile, explain=True)
+    rows = [ranked_row(i + 1, r) for i, r in enumerate(ranking.accepted[:8])]
+    console.print(
+        offers_table(rows, f"{len(ranking.accepted)} offers pass, {len(ranking.rejected)} rejected")
+    )
+    if not ranking.accepted:
+        raise ComfyfleetError("the simulator's catalog has no offer for this profile")
+    best = ranking.accepted[0]
+    naive = usual_pick([r.offer for r in ranking.accepted], profile)
+    if naive is not None and naive.offer.id != best.offer.id:
+        console.print(
+            f"The cheapest $/h offer ({naive.offer.id}, ${naive.offer.dph_total:.3f}/h, "
+            f"{naive.offer.inet_down:.0f} Mb/s) would take "
+            f"{naive.estimate.minutes_to_ready:.0f} min and "
+            f"${naive.estimate.dollars_to_ready:.3f} to get ready; the top pick takes "
+            f"{best.estimate.minutes_to_ready:.0f} min and "
+            f"${best.estimate.dollars_to_ready:.3f}."
+        )
+    for rejection in ranking.rejected[:3]:
+        console.print(
+            f"  rejected {rejection.offer.id} ({rejection.offer.gpu_name}): "
+            + "; ".join(rejection.reasons)
+        )
+
+
+def _workspace(files: RunningFileServer, root: Path) -> Path:
+    """The models on the file server, and the manifest (with its workflow) that names them."""
+    srv = files.server
+    srv.civitai_tokens.add(DEMO_CIVITAI_TOKEN)
+    srv.add_hf_file("stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors", 24 * MiB)
+    srv.add_hf_file("madebyollin/sdxl-vae-fp16-fix", "sdxl_vae.safetensors", 4 * MiB)
+    srv.add_civitai_file(135867, "add-detail-xl.safetensors", 2 * MiB)
+    (root / "txt2img.json").write_text(json.dumps(TXT2IMG), encoding="utf-8")
+    path = root / "manifest.yaml"
+    path.write_text(DEMO_MANIFEST, encoding="utf-8")
+    return path
+
+
+def _demo_profile(profile: Profile, manifest: Path) -> Profile:
+    """The example profile, with the demo's manifest, the ComfyUI simulator for ComfyUI,
+    and a pool of one ready instance (two at most)."""
+    import sys
+
+    return profile.model_copy(
+        update={
+            "manifest": str(manifest),
+            "manifest_gb": None,
+            "manifest_bytes": None,
+            "comfy_command": [sys.executable, "-m", "comfyfleet.sim.comfy"],
+            "pool": profile.pool.model_copy(
+                update={"min_ready": 1, "max_instances": 2, "max_hourly_spend": None}
+            ),
+        }
+    )
+
 
 # A text-to-image workflow (ComfyUI's API format) that loads the three models.
 TXT2IMG: dict[str, Any] = {
@@ -194,86 +242,168 @@ warmup_workflow: txt2img.json
 """
 
 
-class _StageReporter:
-    """The agent's stages with the time since boot, and its log lines, dimmed."""
+# --------------------------------------------------------------------------- the pool
 
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.t0 = time.monotonic()
 
-    def stage(self, stage: Stage, reason: str | None = None) -> None:
-        style = "bold red" if stage == "failed" else "bold cyan"
-        at = time.monotonic() - self.t0
-        suffix = f": {reason}" if reason else ""
-        self.console.print(f"[{style}]{stage:<12}[/] +{at:4.1f} s{suffix}", highlight=False)
+async def _pool(console: Console, sim: RunningSim, profile: Profile, root: Path) -> None:
+    from comfyfleet.api.server import RunningServer
+    from comfyfleet.api.settings import ApiSettings
+    from comfyfleet.commands.fleet import display_for, follow, pool_table
+    from comfyfleet.control_client import ControlClient
+    from comfyfleet.controlplane import build_control_plane
+    from comfyfleet.pool.policy import DEFAULT_POLICY_SETTINGS
+    from comfyfleet.store.blocklist import blocked_machine_ids
+    from comfyfleet.store.db import Store
+    from comfyfleet.store.instances import audit_trail
 
-    def progress(self, progress: Progress) -> None:
-        pass
+    port = _free_port()
+    store = Store.open(f"sqlite:///{root / 'comfyfleet.db'}")
+    settings = ApiSettings(
+        admin_api_key=SecretStr(DEMO_ADMIN_KEY),
+        civitai_token=SecretStr(DEMO_CIVITAI_TOKEN),
+        heartbeat_interval_s=2.0,
+        data_dir=root / "data",
+    )
+    # The first host's disk fills up while it extracts the image (seed 002).
+    sim.sim.set_faults({"next_instances": ["no_space"]})
+    plane = await build_control_plane(
+        store,
+        fleet=Fleet(profiles={PROFILE: profile}),
+        control_url=f"http://127.0.0.1:{port}/api",
+        clock=SystemClock(),
+        api_settings=settings,
+        reconciler={
+            "fleet_id": "demo",
+            "interval_s": 0.5,
+            "policy": DEFAULT_POLICY_SETTINGS,
+        },
+        providers=lambda _name: VastClient(DEMO_KEY, sim.url),
+    )
+    assert plane.pool is not None
+    size = plane.profiles[PROFILE].download_bytes
+    try:
+        with RunningServer(plane.app, port=port) as server:
+            console.rule("2. The control plane keeps one instance ready")
+            console.print(
+                f"comfyfleet serve on {server.url}: pool '{PROFILE}' min_ready 1, "
+                f"max_instances 2; its manifest downloads {size / 1e6:.1f} MB (from "
+                "`manifest check`: offers are ranked with it).",
+                highlight=False,
+            )
+            async with ControlClient(server.url, admin_key=DEMO_ADMIN_KEY) as control:
+                first = await _first_rental(control)
+                console.rule(f"3. Instance {first}: a forced failure, replaced")
+                await _follow(console, control, first, follow, display_for)
+                console.print(f"Its audit trail (`comfyfleet audit --instance {first}`):")
+                for row in store.run_sync(lambda s: audit_trail(s, first)):
+                    reason = row.reason or ""
+                    console.print(
+                        f"  {row.from_state or '·'} → {row.to_state}: "
+                        + (reason if len(reason) <= 110 else reason[:109] + "…"),
+                        style="dim",
+                        highlight=False,
+                        markup=False,
+                    )
+                blocked = store.run_sync(
+                    lambda s: blocked_machine_ids(s, time.time(), provider="vast")
+                )
+                console.print(
+                    f"Machines on the blocklist for 24 h: {sorted(blocked)}; offer searches "
+                    "leave them out.",
+                    highlight=False,
+                )
+                replacement = await _next_rental(control, after=first)
+                console.rule(f"4. Instance {replacement}: rented in its place, followed to READY")
+                await _follow(console, control, replacement, follow, display_for)
 
-    def log(self, line: str, level: Level = "info") -> None:
-        style = {"warning": "yellow", "error": "red"}.get(level, "dim")
-        self.console.print(f"  {line}", style=style, markup=False, highlight=False)
+                console.rule("5. A prewarm through the admin API")
+                (extra,) = await control.prewarm(PROFILE, 1)
+                console.print(
+                    f"POST /api/admin/pool/prewarm {{'profile': '{PROFILE}', 'count': 1}} → "
+                    f"instance {extra}",
+                    highlight=False,
+                )
+                await _follow(console, control, extra, follow, display_for)
+                view = await control.pool(include_ended=True)
+                console.print(pool_table(view["instances"]))
+
+                console.rule("6. Everything destroyed")
+                plane.pool.update_profiles(
+                    {
+                        PROFILE: profile.model_copy(
+                            update={"pool": profile.pool.model_copy(update={"min_ready": 0})}
+                        )
+                    }
+                )
+                console.print(
+                    "fleet file edited to min_ready 0 and reloaded (what `kill -HUP` on "
+                    "`comfyfleet serve` does), then each instance terminated:",
+                    highlight=False,
+                )
+                live = [i["id"] for i in (await control.pool())["instances"]]
+                for instance_id in live:
+                    await control.terminate(instance_id, "demo over")
+                await _all_destroyed(control, live)
+                view = await control.pool(include_ended=True)
+                console.print(pool_table(view["instances"]))
+                spent = sum(float(i.get("cost_so_far") or 0.0) for i in view["instances"])
+                console.print(
+                    f"The control plane's estimate: ${spent:.4f} for {len(view['instances'])} "
+                    "rentals over real seconds (dph_total x age; the simulator bills on its own "
+                    f"clock, x{DEMO_CLOCK_SPEED:g}).",
+                    highlight=False,
+                )
+    finally:
+        store.close()
+
+
+async def _first_rental(control: Any) -> int:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        instances = (await control.pool(include_ended=True))["instances"]
+        if instances:
+            return int(instances[0]["id"])
+        await asyncio.sleep(0.1)
+    raise ComfyfleetError("the pool rented nothing")
+
+
+async def _next_rental(control: Any, *, after: int) -> int:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        ids = [int(i["id"]) for i in (await control.pool())["instances"] if i["id"] > after]
+        if ids:
+            return ids[0]
+        await asyncio.sleep(0.1)
+    raise ComfyfleetError("the pool did not replace the failed instance")
+
+
+async def _follow(
+    console: Console, control: Any, instance_id: int, follow: Any, display_for: Any
+) -> None:
+    display = display_for(console, instance_id)
+    try:
+        verdict = await follow(control, instance_id, display, timeout_s=READY_TIMEOUT_S)
+    finally:
+        display.close()
+    style = "bold green" if verdict.code == 0 else "bold red"
+    console.print(f"[{style}]{verdict.message}[/]", highlight=False)
+
+
+async def _all_destroyed(control: Any, ids: list[int]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        states = {
+            int(i["id"]): i["state"] for i in (await control.pool(include_ended=True))["instances"]
+        }
+        if all(states.get(i) in ("destroyed", "failed") for i in ids):
+            return
+        await asyncio.sleep(0.2)
+    raise ComfyfleetError("the provider did not confirm every destroy in time")
 
 
 def _free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def provision_and_start(console: Console) -> None:
-    """Provision a tiny workspace and bring ComfyUI (the simulator) up, then stop it."""
-    console.rule("6. Provision a workspace and start ComfyUI")
-    with (
-        RunningFileServer(FileServer()) as files,
-        tempfile.TemporaryDirectory(prefix="comfyfleet-demo-") as tmp,
-    ):
-        srv = files.server
-        srv.civitai_tokens.add(DEMO_CIVITAI_TOKEN)
-        srv.add_hf_file("stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors", 3 * MiB)
-        srv.add_hf_file("madebyollin/sdxl-vae-fp16-fix", "sdxl_vae.safetensors", MiB)
-        srv.add_civitai_file(135867, "add-detail-xl.safetensors", MiB // 2)
-        root = Path(tmp)
-        (root / "txt2img.json").write_text(json.dumps(TXT2IMG), encoding="utf-8")
-        (root / "manifest.yaml").write_text(DEMO_MANIFEST, encoding="utf-8")
-        manifest = load_manifest(root / "manifest.yaml")
-        workspace = root / "workspace"
-        console.print(
-            f"File-server simulator on {files.url} stands in for Hugging Face and Civitai; "
-            f"the manifest:",
-            highlight=False,
-        )
-        console.print(DEMO_MANIFEST.rstrip(), markup=False, highlight=False)
-        settings = SourceSettings.from_env({**files.env(), "CIVITAI_TOKEN": DEMO_CIVITAI_TOKEN})
-        async with SourceResolver(settings) as resolver:
-            result = await run_agent(
-                manifest,
-                workspace,
-                reporter=_StageReporter(console),
-                resolver=resolver,
-                comfy_options_overrides={
-                    # The ComfyUI simulator stands in for ComfyUI's main.py.
-                    "command": (sys.executable, "-m", "comfyfleet.sim.comfy"),
-                    "port": _free_port(),
-                    "poll_interval_s": 0.2,
-                    "ready_timeout_s": COMFY_READY_TIMEOUT_S,
-                    "stop_grace_s": 5.0,
-                },
-            )
-        supervisor = result.supervisor
-        try:
-            if not result.ok or supervisor is None:
-                raise ComfyfleetError(f"the agent failed ({result.reason}): {result.message}")
-            pid = supervisor.pid
-            console.print(
-                f"[bold green]READY[/] ComfyUI at {result.url} (pid {pid}), "
-                f"{result.elapsed_s:.1f} s after boot",
-                highlight=False,
-            )
-            async with ComfyClient(str(result.url)) as client:
-                info = await client.object_info("CheckpointLoaderSimple")
-            listed = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
-            console.print(f"Its checkpoint loader lists: {', '.join(listed)}", highlight=False)
-        finally:
-            if supervisor is not None:
-                await supervisor.stop()  # its reporter says "stopped ComfyUI (pid N, ...)"

@@ -326,13 +326,17 @@ class Workflow(_Strict):
     )
     file: str | None = Field(default=None, description="A file next to the manifest.")
     source: Source | None = Field(default=None, description="A URL to download it from.")
+    content: str | None = Field(
+        default=None, description="The workflow's JSON itself (with name: for its file name)."
+    )
     sha256: Sha256 | None = None
     critical: bool = True
 
     @model_validator(mode="after")
     def _one_origin(self) -> Workflow:
-        if (self.file is None) == (self.source is None):
-            raise ValueError("expected either file: PATH or source: URL")
+        given = [k for k in ("file", "source", "content") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("expected exactly one of file: PATH, source: URL or content: JSON")
         if self.name is None and self.file_name is None:
             raise ValueError("expected a name: the source does not end with a file name")
         return self
@@ -344,7 +348,8 @@ class Workflow(_Strict):
             return self.name
         if self.file is not None:
             return PurePosixPath(self.file).name or None
-        assert self.source is not None
+        if self.source is None:
+            return None  # inline content: its name: says it
         tail = unquote(urlsplit(self.source).path.rstrip("/").rsplit("/", 1)[-1])
         if "@" in tail and urlsplit(self.source).scheme == "hf":
             tail = tail.rsplit("@", 1)[0]
@@ -422,6 +427,43 @@ class Manifest(_Strict):
     def error(self, path: list[str | int], reason: str) -> ManifestError:
         """A ``ManifestError`` for the entry at ``path`` (``["models", 3]``), with its line."""
         return _YAML.error(reason, path, self._text, self._source)
+
+    def inlined(self) -> Manifest:
+        """This manifest with its ``file:`` workflows and config files read in as ``content:``.
+
+        What travels to an agent on another machine, which cannot read this one's files.
+        A file that cannot be read is a ``ManifestError`` naming its entry.
+        """
+
+        def read(relative: str, where: list[str | int]) -> str:
+            try:
+                return self.local_file(relative).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise self.error(where, f"cannot read {relative}: {exc}") from None
+
+        workflows = [
+            w.model_copy(
+                update={
+                    "file": None,
+                    "name": w.file_name,
+                    "content": read(w.file, ["workflows", i, "file"]),
+                }
+            )
+            if w.file is not None
+            else w
+            for i, w in enumerate(self.workflows)
+        ]
+        configs = [
+            c.model_copy(
+                update={"file": None, "content": read(c.file, ["config_files", i, "file"])}
+            )
+            if c.file is not None
+            else c
+            for i, c in enumerate(self.config_files)
+        ]
+        out = self.model_copy(update={"workflows": workflows, "config_files": configs})
+        out._source, out._text, out._base_dir = self._source, self._text, self._base_dir
+        return out
 
     @property
     def warmup(self) -> Workflow | None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -160,6 +160,32 @@ class Profile(_Strict):
     onstart: str | None = None
     runtype: str = Field(default=DEFAULT_RUNTYPE, min_length=1)
 
+    # ---- where it runs, and what its agent provisions
+    provider: Literal["vast", "local"] = Field(
+        default="vast",
+        description="vast: rent from the marketplace; local: run the agent on this machine.",
+    )
+    manifest: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The workspace manifest its agents provision (relative to the fleet file).",
+    )
+    comfy_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Attach to a ComfyUI already running at this URL instead of starting one.",
+    )
+    comfy_command: str | list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Start ComfyUI with this command (a string is split as a shell would) "
+        "instead of the manifest's main.py.",
+    )
+    require_direct_ports: bool = Field(
+        default=False,
+        description="Fail an instance whose ports are not mapped by its boot deadline.",
+    )
+
     pool: PoolPolicy = Field(default_factory=PoolPolicy)
 
     @field_validator("gpu_names", "exclude_gpu_names", mode="before")
@@ -269,6 +295,15 @@ class Fleet(_Strict):
     def source(self) -> str | None:
         """The file this fleet was loaded from, if any."""
         return self._source
+
+    def manifest_path(self, profile: Profile) -> Path | None:
+        """``profile.manifest`` as a path; relative to the fleet file's folder."""
+        if profile.manifest is None:
+            return None
+        path = Path(profile.manifest).expanduser()
+        if not path.is_absolute() and self._source is not None:
+            path = Path(self._source).parent / path
+        return path
 
     def get(self, name: str) -> Profile:
         """The profile called ``name``; a ``ConfigError`` naming the known ones otherwise."""

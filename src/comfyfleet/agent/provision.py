@@ -776,7 +776,7 @@ class Provisioner:
         """Workflows and config files given inline or next to the manifest, written in place."""
         entries: list[tuple[ItemKind, Path, Workflow | ConfigFile]] = []
         for wf in self.manifest.workflows:
-            if wf.file is not None:
+            if wf.source is None:
                 assert wf.file_name is not None
                 entries.append(("workflow", self.layout.workflows / wf.file_name, wf))
         for cf in self.manifest.config_files:
@@ -786,7 +786,7 @@ class Provisioner:
         for kind, path, entry in entries:
             local = _LocalFile(kind, self._label(path), path, b"", entry.critical)
             out.append(local)
-            if isinstance(entry, ConfigFile) and entry.content is not None:
+            if entry.content is not None:
                 local.data = entry.content.encode("utf-8")
             else:
                 assert entry.file is not None

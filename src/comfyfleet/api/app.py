@@ -4,12 +4,18 @@
 the caller owns the store (and closes it). ``pool`` is the warm pool's
 ``PoolControl`` (None: the admin actions answer 503). ``metrics`` is the
 ``PoolMetrics`` the pool counts its rentals in; by default the app makes its own,
-found at ``app.state.metrics``.
+found at ``app.state.metrics``. ``background`` runs beside the server for its
+lifetime (``comfyfleet serve`` passes the warm pool's reconcile loops): it is started
+with the app and given an event that is set when the app shuts down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,7 +31,12 @@ from comfyfleet.api.wheel import AgentWheel
 from comfyfleet.clock import Clock
 from comfyfleet.store.db import Store
 
-__all__ = ["create_app"]
+__all__ = ["Background", "create_app"]
+
+log = logging.getLogger("comfyfleet.api")
+
+#: Work that runs as long as the app: given the event set at shutdown.
+Background = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def create_app(
@@ -36,6 +47,7 @@ def create_app(
     pool: PoolControl | None,
     metrics: PoolMetrics | None = None,
     wheel: AgentWheel | None = None,
+    background: Background | None = None,
 ) -> FastAPI:
     """The control plane's app; see the module. ``wheel`` replaces the agent-wheel source."""
     metrics = metrics if metrics is not None else PoolMetrics()
@@ -63,7 +75,25 @@ def create_app(
         else AgentWheel(path=settings.agent_wheel, build_dir=settings.data_dir / "agent-wheel"),
         started_at=started_at,
     )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if background is None:
+            yield
+            return
+        stop = asyncio.Event()
+        task = asyncio.create_task(background(stop), name="comfyfleet-background")
+        try:
+            yield
+        finally:
+            stop.set()
+            try:
+                await asyncio.wait_for(task, 30)
+            except Exception:
+                log.exception("the background work did not stop cleanly")
+
     app = FastAPI(
+        lifespan=lifespan,
         title="comfyfleet control plane",
         version=__version__,
         summary="Agents dial home here; admins drive the warm pool; Prometheus scrapes /metrics.",

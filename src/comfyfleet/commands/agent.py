@@ -58,6 +58,18 @@ class _LiveView(RichProgress):
             yield self.make_tasks_table(self.tasks)
 
 
+def free_port_if_zero(port: int) -> int:
+    """``port``, or a port free on 127.0.0.1 now when it is 0 (``COMFY_PORT=0``: agents of
+    several instances on one machine, as the simulator and the local provider run them)."""
+    if port:
+        return port
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class ConsoleReporter:
     """The agent's ``Reporter`` in a terminal: stage and log lines, live progress bars.
 
@@ -336,7 +348,11 @@ def run_command(
     port: Annotated[
         int,
         typer.Option(
-            "--port", envvar="COMFY_PORT", min=1, max=65535, help="ComfyUI's port on 127.0.0.1."
+            "--port",
+            envvar="COMFY_PORT",
+            min=0,
+            max=65535,
+            help="ComfyUI's port on 127.0.0.1; 0 picks a free one (several agents on one host).",
         ),
     ] = 8188,
     strict: Annotated[
@@ -385,7 +401,7 @@ def run_command(
     _quiet_agent_logs()
     loaded = load_manifest(manifest)
     links = _links(dropbox_links)
-    overrides: dict[str, Any] = {"port": port}
+    overrides: dict[str, Any] = {"port": free_port_if_zero(port)}
     if comfy_command is not None:
         overrides["command"] = comfy_command  # split as a shell would
     if attach is not None:

@@ -26,7 +26,7 @@ from comfyfleet.agent.remote import AgentAuthError, Registration, RemoteReporter
 from comfyfleet.agent.report import FanOut
 from comfyfleet.clikit import console, err_console, friendly, run
 from comfyfleet.clock import SystemClock
-from comfyfleet.commands.agent import run_and_supervise
+from comfyfleet.commands.agent import free_port_if_zero, run_and_supervise
 from comfyfleet.envvars import env_value
 from comfyfleet.errors import ConfigError
 
@@ -88,7 +88,11 @@ def connect(
     port: Annotated[
         int,
         typer.Option(
-            "--port", envvar="COMFY_PORT", min=1, max=65535, help="ComfyUI's port on 127.0.0.1."
+            "--port",
+            envvar="COMFY_PORT",
+            min=0,
+            max=65535,
+            help="ComfyUI's port on 127.0.0.1; 0 picks a free one (several agents on one host).",
         ),
     ] = 8188,
     concurrency: Annotated[
@@ -129,7 +133,7 @@ def _comfy_overrides(
     registration: Registration, comfy_command: str | None, port: int
 ) -> dict[str, Any]:
     spec = registration.comfy
-    overrides: dict[str, Any] = {"port": port}
+    overrides: dict[str, Any] = {"port": free_port_if_zero(port)}
     command = spec.get("command") or comfy_command
     if command:
         overrides["command"] = command  # a string is split as a shell would

@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard, TypeVar
 
-from sqlalchemy import case, func, select, text, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -111,7 +111,6 @@ from comfyfleet.store.instances import (
     create_instance,
     get_instance,
     live_usage_by_profile,
-    scrub,
     transition,
 )
 from comfyfleet.store.leases import (
@@ -122,7 +121,7 @@ from comfyfleet.store.leases import (
     renew_lease,
     require_current_epoch,
 )
-from comfyfleet.store.models import AuditRow, InstanceRow, JobRow
+from comfyfleet.store.models import InstanceRow, JobRow
 from comfyfleet.store.tokens import issue_token
 
 __all__ = [
@@ -135,6 +134,7 @@ __all__ = [
     "Reconciler",
     "ReconcilerSettings",
     "default_holder",
+    "lease_name_for",
 ]
 
 log = logging.getLogger("comfyfleet.pool")
@@ -156,6 +156,13 @@ _EPS: Final = 1e-9
 _CLIENT_ERROR: Final = range(400, 500)
 _RENTALS_FOR_BRAKES: Final = 50
 _S = InstanceState
+
+
+def lease_name_for(provider: str) -> str:
+    """The lease of the reconciler of ``provider``'s profiles: one leader per provider.
+
+    Vast's keeps the plain name the first stores were written with."""
+    return RECONCILER_LEASE if provider == "vast" else f"{RECONCILER_LEASE}:{provider}"
 
 
 def default_holder() -> str:
@@ -199,6 +206,8 @@ class ReconcilerSettings:
     destroy_retry_s: float = 30.0
     provider_timeout_s: float = 120.0
     check_credit: bool = True
+    #: The lease this reconciler holds; one per provider (``lease_name_for``).
+    lease_name: str = RECONCILER_LEASE
     policy: PolicySettings = DEFAULT_POLICY_SETTINGS
     planner: PlannerSettings = DEFAULT_PLANNER_SETTINGS
 
@@ -440,7 +449,7 @@ class Reconciler:
         ttl = self.settings.lease_ttl_s
 
         def work(session: Session) -> Lease | None:
-            return acquire_lease(session, RECONCILER_LEASE, self.holder, now=now, ttl=ttl)
+            return acquire_lease(session, self.settings.lease_name, self.holder, now=now, ttl=ttl)
 
         lease = await self.store.run(work)
         if lease is not None and (self._lease is None or self._lease.epoch != lease.epoch):
@@ -465,7 +474,7 @@ class Reconciler:
         """The lease, renewed when half of it is spent; ``LeaseLost`` if it is gone."""
         lease = self._lease
         if lease is None:
-            raise LeaseLost(RECONCILER_LEASE, 0)
+            raise LeaseLost(self.settings.lease_name, 0)
         now = self.clock.now()
         ttl = self.settings.lease_ttl_s
         if now < lease.expires_at - ttl / 2:
@@ -477,7 +486,7 @@ class Reconciler:
         renewed = await self.store.run(work)
         if renewed is None:
             self._lease = None
-            raise LeaseLost(RECONCILER_LEASE, lease.epoch)
+            raise LeaseLost(self.settings.lease_name, lease.epoch)
         self._lease = renewed
         return renewed
 
@@ -487,7 +496,7 @@ class Reconciler:
         now = self.clock.now()
 
         def guarded(session: Session) -> T:
-            require_current_epoch(session, RECONCILER_LEASE, lease.epoch, now=now)
+            require_current_epoch(session, self.settings.lease_name, lease.epoch, now=now)
             return work(session, now)
 
         try:
@@ -601,8 +610,11 @@ class Reconciler:
 
     def _read(self, session: Session, label_ids: set[int], now: float) -> _Snapshot:
         fleet = self.settings.fleet_id
+        provider = self.settings.provider_name
         query = select(*_ROW_COLUMNS).where(
-            InstanceRow.fleet_id == fleet, InstanceRow.state.in_(sorted(LIVE_STATES))
+            InstanceRow.fleet_id == fleet,
+            InstanceRow.provider == provider,
+            InstanceRow.state.in_(sorted(LIVE_STATES)),
         )
         rows = [_Row(*values) for values in session.execute(query)]
         known = {r.id for r in rows}
@@ -610,7 +622,9 @@ class Reconciler:
         ended_ids = sorted(label_ids - known)
         for chunk in _chunks(ended_ids, 500):
             query = select(*_ROW_COLUMNS).where(
-                InstanceRow.fleet_id == fleet, InstanceRow.id.in_(chunk)
+                InstanceRow.fleet_id == fleet,
+                InstanceRow.provider == provider,
+                InstanceRow.id.in_(chunk),
             )
             rows.extend(_Row(*values) for values in session.execute(query))
 
@@ -632,6 +646,7 @@ class Reconciler:
             select(InstanceRow.created_at, InstanceRow.registered_at, InstanceRow.state)
             .where(
                 InstanceRow.fleet_id == fleet,
+                InstanceRow.provider == provider,
                 InstanceRow.provider_contract_id.is_not(None),
                 InstanceRow.created_at > self._brakes_cleared_at,
             )
@@ -785,7 +800,7 @@ class Reconciler:
             status_msg=row.status_msg,
             running_since=row.actual_status_since if row.actual_status == "running" else None,
             direct_port_start=inst.direct_port_start if inst is not None else None,
-            require_direct_ports=bool(getattr(profile, "require_direct_ports", False)),
+            require_direct_ports=profile.require_direct_ports if profile is not None else False,
             registered_at=row.registered_at,
             last_heartbeat=row.last_heartbeat_at,
             download_bytes=done,
@@ -1238,49 +1253,25 @@ class Reconciler:
         def work(session: Session, now: float) -> bool:
             if session.get(InstanceRow, action.instance_id) is not None:
                 return False
-            row = InstanceRow(
-                id=action.instance_id,
-                fleet_id=self.settings.fleet_id,
-                profile=action.profile,
-                slot=action.slot,
-                label=label,
-                state=_S.REQUESTED,
-                provider=self.settings.provider_name,
-                provider_contract_id=action.contract_id,
-                machine_id=inst.machine_id if inst is not None and inst.machine_id else None,
-                host_id=inst.host_id if inst is not None and inst.host_id else None,
-                gpu_name=inst.gpu_name if inst is not None else None,
-                dph_total=action.dph_total,
-                stage_entered_at=now,
-                cost_so_far=0.0,
-                created_at=now,
-                updated_at=now,
-            )
             try:
-                with session.begin_nested():
-                    session.add(row)
-                    session.flush()
-            except IntegrityError:
-                return False  # its slot or its contract was taken meanwhile
-            session.add(
-                AuditRow(
-                    at=now,
-                    instance_id=row.id,
-                    from_state=None,
-                    to_state=_S.REQUESTED,
-                    reason=scrub(reason),
+                row = create_instance(
+                    session,
+                    fleet_id=self.settings.fleet_id,
+                    profile=action.profile,
+                    slot=action.slot,
+                    provider=self.settings.provider_name,
+                    now=now,
                     actor=ACTOR,
+                    reason=reason,
+                    machine_id=inst.machine_id if inst is not None and inst.machine_id else None,
+                    host_id=inst.host_id if inst is not None and inst.host_id else None,
+                    gpu_name=inst.gpu_name if inst is not None else None,
+                    dph_total=action.dph_total,
+                    instance_id=action.instance_id,
+                    contract_id=action.contract_id,
                 )
-            )
-            session.flush()
-            if session.get_bind().dialect.name == "postgresql":
-                # The id was given, not drawn: move the sequence past it.
-                session.execute(
-                    text(
-                        "SELECT setval(pg_get_serial_sequence('instances', 'id'), "
-                        "(SELECT MAX(id) FROM instances))"
-                    )
-                )
+            except (SlotTaken, IntegrityError):
+                return False  # its slot or its contract was taken meanwhile
             transition(session, row, _S.CREATING, reason=reason, actor=ACTOR, now=now)
             return True
 
@@ -1593,7 +1584,7 @@ class Reconciler:
 
         def work(session: Session) -> tuple[bool, int | None]:
             row = get_instance(session, instance_id, lock=True)
-            if row.fleet_id != fleet:
+            if row.fleet_id != fleet or row.provider != self.settings.provider_name:
                 raise UnknownInstance(instance_id)
             if row.state in TERMINAL_STATES:
                 return False, None

@@ -18,7 +18,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -92,22 +92,29 @@ def create_instance(
     gpu_name: str | None = None,
     dph_total: float | None = None,
     stage_deadline_at: float | None = None,
+    instance_id: int | None = None,
+    contract_id: int | None = None,
 ) -> InstanceRow:
     """Record a rental in ``requested``, with its label and its audit row.
 
     Commit before calling the provider. Raises ``SlotTaken`` when a live instance
-    already holds ``(profile, slot)``; the caller's transaction stays usable.
+    already holds ``(profile, slot)``, and ``IntegrityError`` when ``instance_id`` or
+    ``contract_id`` is taken; either way the caller's transaction stays usable.
+    ``instance_id`` and ``contract_id`` record a contract that exists already (an
+    orphan adopted under the id its label names).
     """
     check_fleet_id(fleet_id)
     # The label needs the id, which the insert gives: a unique placeholder bridges the
     # two statements, and the row is never seen without its real label.
     row = InstanceRow(
+        id=instance_id,
         fleet_id=fleet_id,
         profile=profile,
         slot=slot,
         label=f"{label_prefix(fleet_id)}pending-{uuid.uuid4().hex}",
         state=InstanceState.REQUESTED,
         provider=provider,
+        provider_contract_id=contract_id,
         offer_id=offer_id,
         machine_id=machine_id,
         host_id=host_id,
@@ -127,6 +134,14 @@ def create_instance(
         if _violates(error, LIVE_SLOT_INDEX, ("instances.profile", "instances.slot")):
             raise SlotTaken(profile, slot) from None
         raise
+    if instance_id is not None and session.get_bind().dialect.name == "postgresql":
+        # The id was given, not drawn: move the sequence past it.
+        session.execute(
+            text(
+                "SELECT setval(pg_get_serial_sequence('instances', 'id'), "
+                "(SELECT MAX(id) FROM instances))"
+            )
+        )
     row.label = make_label(fleet_id, row.id)
     session.add(
         AuditRow(
