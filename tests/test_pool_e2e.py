@@ -615,3 +615,98 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# ------------------------------------------------------------------ two serve processes
+
+
+def test_two_serve_processes_on_postgresql_rent_once_per_slot_and_take_over(
+    pg_url: str, tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    """Two ``comfyfleet serve`` on one PostgreSQL: one leads (the database lease), the pool
+    is rented once per slot; killed, the leader is replaced by the other, which keeps the
+    pool whole, still once per slot."""
+    import subprocess
+
+    from comfyfleet.store.leases import RECONCILER_LEASE
+    from comfyfleet.store.models import LeaseRow
+    from tests.conftest import BIN
+
+    fleet_file = tmp_path / "fleet.yaml"
+    profile = json.loads(fleet_yaml(write_manifest(tmp_path), COMFY, min_ready=3, max_instances=3))
+    del profile["profiles"]["sdxl"]["manifest"]  # nothing to size: no agent runs here
+    fleet_file.write_text(json.dumps(profile))
+    store = Store.open(pg_url, migrate=False)
+    with RunningSim(SimConfig(seed=4, offers=300, api_key=SIM_KEY)) as sim:
+        servers: list[tuple[subprocess.Popen[bytes], str]] = []
+        try:
+            for n in range(2):
+                port = free_port()
+                env = {
+                    **clean_env,
+                    "DATABASE_URL": pg_url,
+                    "VAST_URL": sim.url,
+                    "VAST_API_KEY": SIM_KEY,
+                    "ADMIN_API_KEY": ADMIN_KEY,
+                    "COMFYFLEET_DATA_DIR": str(tmp_path / f"data{n}"),
+                    "COMFYFLEET_RECONCILE_INTERVAL_S": "0.2",
+                    "COMFYFLEET_LEASE_TTL_S": "3",
+                }
+                log = (tmp_path / f"serve{n}.log").open("wb")
+                proc = subprocess.Popen(
+                    [str(BIN / "comfyfleet"), "serve", "-c", str(fleet_file), "--port", str(port)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                servers.append((proc, f"http://127.0.0.1:{port}"))
+
+            def live_contracts() -> list[dict[str, Any]]:
+                return [i for i in sim.sim.state()["instances"] if i["exists"]]
+
+            def live_rows() -> list[InstanceRow]:
+                return [
+                    r
+                    for r in store.run_sync(
+                        lambda s: list(s.execute(select(InstanceRow)).scalars())
+                    )
+                    if r.state not in (S.DESTROYED, S.FAILED)
+                ]
+
+            deadline = time.monotonic() + 60
+            while len(live_contracts()) < 3:
+                assert time.monotonic() < deadline, (tmp_path / "serve0.log").read_text()
+                time.sleep(0.2)
+            time.sleep(2.0)  # passes of both processes: nothing more is rented
+            assert len(live_contracts()) == 3
+            assert sorted(r.slot for r in live_rows()) == [0, 1, 2]
+
+            holder = store.run_sync(lambda s: s.get(LeaseRow, RECONCILER_LEASE).holder)
+            leader = next(p for p, _ in servers if f":{p.pid}:" in holder)
+            survivor_url = next(u for p, u in servers if p is not leader)
+            leader.kill()
+            leader.wait(10)
+
+            victim = live_rows()[0]
+            answer = httpx.post(
+                f"{survivor_url}/api/admin/instances/{victim.id}/terminate",
+                headers={"x-admin-key": ADMIN_KEY},
+                timeout=30,
+            )
+            assert answer.status_code == 200, answer.text
+            deadline = time.monotonic() + 60
+            while not (len(live_rows()) == 3 and all(r.id != victim.id for r in live_rows())):
+                assert time.monotonic() < deadline, [(r.id, r.state) for r in live_rows()]
+                assert len(live_contracts()) <= 3
+                time.sleep(0.2)
+            time.sleep(1.0)
+            assert len(live_contracts()) == 3
+            assert sorted(r.slot for r in live_rows()) == [0, 1, 2]
+            taken = store.run_sync(lambda s: s.get(LeaseRow, RECONCILER_LEASE).holder)
+            assert f":{leader.pid}:" not in taken
+        finally:
+            for proc, _ in servers:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(30)
+            store.close()

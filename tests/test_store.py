@@ -1149,3 +1149,27 @@ def test_the_migrations_ship_inside_the_package() -> None:
     assert (migrations / "env.py").is_file()
     assert (migrations / "script.py.mako").is_file()
     assert [p.name for p in (migrations / "versions").glob("*.py")] == ["0001_initial.py"]
+
+
+def test_a_postgresql_session_idle_inside_a_transaction_is_ended_after_a_minute(
+    pg_url: str,
+) -> None:
+    """A replica stopped mid-transaction (SIGSTOP, a debugger) cannot hold the others'
+    locks for ever: the store asks PostgreSQL to end such a session after 60 s, unless the
+    URL sets its own limit."""
+    own = Store.open(pg_url, migrate=False)
+    try:
+        with own.engine.connect() as connection:
+            shown = connection.execute(sa.text("SHOW idle_in_transaction_session_timeout"))
+            assert shown.scalar_one() == "1min"
+    finally:
+        own.close()
+    options = f"{make_url(pg_url).query['options']} -cidle_in_transaction_session_timeout=5000"
+    mine = make_url(pg_url).update_query_dict({"options": options})
+    chosen = Store.open(mine.render_as_string(hide_password=False), migrate=False)
+    try:
+        with chosen.engine.connect() as connection:
+            shown = connection.execute(sa.text("SHOW idle_in_transaction_session_timeout"))
+            assert shown.scalar_one() == "5s"
+    finally:
+        chosen.close()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -99,7 +99,25 @@ def create_engine(url: str | None = None, *, echo: bool = False) -> Engine:
         if parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return _sqlite_engine(parsed, echo=echo)
-    return sa.create_engine(parsed, echo=echo, pool_pre_ping=True)
+    return sa.create_engine(_with_idle_limit(parsed), echo=echo, pool_pre_ping=True)
+
+
+#: PostgreSQL ends a session idle inside a transaction for this long (unless the URL's
+#: ``options`` say otherwise): a process stopped mid-transaction, such as a stalled
+#: reconciler holding its lease's lock, cannot hold the other replicas back for longer.
+PG_IDLE_IN_TRANSACTION_MS: Final = 60_000
+
+
+def _with_idle_limit(url: URL) -> URL:
+    if url.get_backend_name() != "postgresql":
+        return url
+    options = url.query.get("options", "")
+    if isinstance(options, tuple):
+        options = " ".join(options)
+    if "idle_in_transaction_session_timeout" in options:
+        return url
+    limit = f"-cidle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_MS}"
+    return url.update_query_dict({"options": f"{options} {limit}".strip()})
 
 
 def _sqlite_engine(url: URL, *, echo: bool) -> Engine:
