@@ -24,12 +24,6 @@ from rich.table import Table
 from rich.text import Text
 
 from comfyfleet.agent.report import Level, Progress, Stage
-from comfyfleet.agent.sources import (
-    LINKS_ENV_VAR,
-    DropboxLink,
-    decode_links_env,
-    parse_links_file,
-)
 from comfyfleet.clikit import console, err_console, friendly, run
 from comfyfleet.commands.manifest import human_bytes
 from comfyfleet.errors import ConfigError
@@ -37,6 +31,7 @@ from comfyfleet.errors import ConfigError
 if TYPE_CHECKING:
     from comfyfleet.agent.comfy import ComfySupervisor
     from comfyfleet.agent.run import AgentResult
+    from comfyfleet.agent.sources import DropboxLink
 
 app = typer.Typer(
     help="The agent that provisions a workspace and runs ComfyUI.", no_args_is_help=True
@@ -194,6 +189,9 @@ class ConsoleReporter:
 
 def _links(path: Path | None) -> list[DropboxLink]:
     """The Dropbox workspace links: ``--dropbox-links FILE``, else the environment's."""
+    # The sources (and aiohttp under them) load with the command, not with every CLI call.
+    from comfyfleet.agent.sources import LINKS_ENV_VAR, decode_links_env, parse_links_file
+
     if path is not None:
         try:
             text = path.read_text(encoding="utf-8")
