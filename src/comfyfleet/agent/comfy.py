@@ -697,14 +697,19 @@ class ComfyClient:
         timeout_s: float | None = None,
         extra_data: Mapping[str, Any] | None = None,
         on_message: MessageHandler | None = None,
+        prompt_id: str | None = None,
+        on_queued: Callable[[QueuedPrompt], None] | None = None,
     ) -> PromptResult:
         """Queue ``workflow`` and wait for it (``queue_prompt`` then ``wait``).
 
-        The prompt id is chosen here (a UUID, which every ComfyUI version accepts)
-        so that the WebSocket subscription exists before the prompt is queued and
-        no message is missed.
+        The prompt id is chosen here (a UUID, which every ComfyUI version accepts),
+        or by the caller (``prompt_id``, a UUID too, so that it can stop the prompt
+        before this returns), so that the WebSocket subscription exists before the
+        prompt is queued and no message is missed. ``on_queued`` gets ComfyUI's answer
+        as soon as the prompt is queued; an exception it raises leaves the prompt
+        queued and propagates.
         """
-        prompt_id = str(uuid.uuid4())
+        prompt_id = prompt_id or str(uuid.uuid4())
         inbox = self._subscribe(prompt_id)
         try:
             await self._ensure_listener()
@@ -713,6 +718,8 @@ class ComfyClient:
                 self._unsubscribe(prompt_id, inbox)
                 prompt_id = queued.prompt_id
                 inbox = self._subscribe(prompt_id)
+            if on_queued is not None:
+                on_queued(queued)
             return await self._wait(prompt_id, inbox, timeout_s, on_message)
         finally:
             self._unsubscribe(prompt_id, inbox)
@@ -858,13 +865,25 @@ class ComfyClient:
             raise self._http_error("GET", "/view", status, body)
         return body
 
-    async def view_to(self, file: OutputFile, dest: Path) -> int:
-        """Stream an output file to ``dest`` (written in a thread); returns its size."""
+    async def view_to(
+        self, file: OutputFile, dest: Path, *, on_chunk: Callable[[bytes], object] | None = None
+    ) -> int:
+        """Stream an output file to ``dest`` (written in a thread); returns its size.
+
+        ``on_chunk`` (a hash's ``update``, say) gets every chunk in order, in the
+        writing thread, so that hashing a large file never blocks the event loop.
+        """
         params = {"filename": file.filename, "subfolder": file.subfolder, "type": file.type}
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s
         )
         size = 0
+
+        def write(fh: Any, chunk: bytes) -> None:
+            fh.write(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
+
         try:
             async with self._http().get(
                 self.url + "/view", params=params, timeout=timeout
@@ -874,7 +893,7 @@ class ComfyClient:
                 fh = await asyncio.to_thread(dest.open, "wb")
                 try:
                     async for chunk in response.content.iter_chunked(1 << 20):
-                        await asyncio.to_thread(fh.write, chunk)
+                        await asyncio.to_thread(write, fh, chunk)
                         size += len(chunk)
                 finally:
                     await asyncio.to_thread(fh.close)
@@ -917,6 +936,11 @@ class ComfyClient:
             subfolder=str(answer.get("subfolder") or ""),
             type=str(answer.get("type") or type),
         )
+
+    async def delete_queued(self, *prompt_ids: str) -> None:
+        """``POST /queue {"delete": [...]}``: drop prompts that have not started yet
+        (a running one is untouched: ``interrupt`` it); unknown ids are ignored."""
+        await self._empty("POST", "/queue", json_body={"delete": list(prompt_ids)})
 
     async def interrupt(self, prompt_id: str | None = None) -> None:
         """``POST /interrupt``: stop ``prompt_id`` if it is the one running
