@@ -402,7 +402,8 @@ FAULTS = {
 
 
 def crashing_once(tmp_path: Path) -> list[str]:
-    """A ComfyUI that crashes a moment after each start on the first instance only."""
+    """A ComfyUI that dies as it starts, every time, on the first instance only (so that
+    its replacement comes up): a crash loop before any warm-up can run."""
     script = tmp_path / "comfy-crashing-once.sh"
     marks = tmp_path / "crash-marks"
     script.write_text(
@@ -410,7 +411,8 @@ def crashing_once(tmp_path: Path) -> list[str]:
         f'mkdir -p "{marks}"\n'
         f'if mkdir "{marks}/first" 2>/dev/null; then echo "$WORKSPACE" > "{marks}/first/ws"; fi\n'
         f'if [ "$(cat "{marks}/first/ws")" = "$WORKSPACE" ]; then\n'
-        f'  exec {sys.executable} -m comfyfleet.sim.comfy --crash-after 0.5 "$@"\n'
+        '  echo "RuntimeError: CUDA error: an illegal memory access was encountered" >&2\n'
+        "  exit 1\n"
         "fi\n"
         f'exec {sys.executable} -m comfyfleet.sim.comfy "$@"\n'
     )

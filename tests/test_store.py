@@ -566,10 +566,19 @@ def test_reasons_are_scrubbed_of_anything_that_looks_like_a_secret(
             actor="t",
             now=clock.now(),
             reason="GET https://user:pw@files.example/m.safetensors?token=s3cr3t failed; "
-            "Authorization: Bearer eyJhbGciOi; agent said cft_Zm9vYmFyYmF6",
+            "Authorization: Bearer eyJhbGciOi; agent said cft_Zm9vYmFyYmF6; user key "
+            "cf_dXNlcmtleXVzZXJrZXl1c2Vy, webhook signed with whsec_c2lnbmluZw",
         )
         text = " ".join(a.reason for a in audit_trail(session, row.id))
-    for secret in ("abc123", "s3cr3t", "eyJhbGciOi", "user:pw", "Zm9vYmFyYmF6"):
+    for secret in (
+        "abc123",
+        "s3cr3t",
+        "eyJhbGciOi",
+        "user:pw",
+        "Zm9vYmFyYmF6",
+        "dXNlcmtleXVzZXJrZXl1c2Vy",
+        "c2lnbmluZw",
+    ):
         assert secret not in text
     assert "https://***@files.example/m.safetensors?***" in text
 
@@ -1148,7 +1157,10 @@ def test_the_migrations_ship_inside_the_package() -> None:
     migrations = Path(package.__file__).parent / "migrations"
     assert (migrations / "env.py").is_file()
     assert (migrations / "script.py.mako").is_file()
-    assert [p.name for p in (migrations / "versions").glob("*.py")] == ["0001_initial.py"]
+    assert sorted(p.name for p in (migrations / "versions").glob("*.py")) == [
+        "0001_initial.py",
+        "0002_jobs.py",
+    ]
 
 
 def test_a_postgresql_session_idle_inside_a_transaction_is_ended_after_a_minute(

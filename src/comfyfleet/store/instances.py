@@ -56,6 +56,8 @@ class ProfileUsage:
 
 _SECRET_PATTERNS = (
     (re.compile(r"\bcft_[A-Za-z0-9_-]+"), "cft_***"),  # an agent token (store.tokens)
+    (re.compile(r"\bcf_[A-Za-z0-9_-]{16,}"), "cf_***"),  # a user's API key (store.apikeys)
+    (re.compile(r"\bwhsec_[A-Za-z0-9_-]+"), "whsec_***"),  # a webhook's signing secret
     (re.compile(r"(?i)\b(bearer)\s+\S+"), r"\1 ***"),
     (
         re.compile(r"(?i)\b(\w*(?:token|secret|password|passwd|api[_-]?key))(\s*[=:]\s*)[^\s&,;]+"),

@@ -8,7 +8,10 @@ States are stored as their lowercase names in a ``VARCHAR`` with a ``CHECK``
 constraint (not a PostgreSQL enum type), so the same migrations run on SQLite and
 PostgreSQL and a new state is a plain constraint change.
 
-No column ever holds a secret in clear: an agent token is kept as its hash only.
+No column ever holds a secret in clear: an agent token and a user's API key are kept
+as their hashes only. The one exception is ``jobs.webhook_secret``: the control plane
+signs each webhook delivery with it (HMAC), so it must be readable; no view, log line or
+audit reason ever shows it.
 """
 
 from __future__ import annotations
@@ -188,11 +191,36 @@ class LeaseRow(Base):
     expires_at: Mapped[float]
 
 
+JOB_QUEUE_INDEX = "ix_jobs_queue"
+"""The index ``next_jobs_for`` reads the queue in: per state and profile, in FIFO order."""
+
+
+class ApiKeyRow(Base):
+    """A user's API key: its name, the prefix users recognise it by, and its hash only."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    # The key's first characters (``cf_`` and a few more), shown in listings.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(80), unique=True)
+    created_at: Mapped[float]
+    revoked_at: Mapped[float | None]
+    last_used_at: Mapped[float | None]
+
+    def __repr__(self) -> str:
+        return f"ApiKeyRow(id={self.id!r}, name={self.name!r}, prefix={self.prefix!r})"
+
+
 class JobRow(Base):
     """A generation job: queued, placed on an instance under a lease id, run, ended."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index(None, "state", "created_at"),)
+    __table_args__ = (
+        Index(None, "state", "created_at"),
+        Index(JOB_QUEUE_INDEX, "state", "profile", "priority", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     profile: Mapped[str] = mapped_column(String(64))
@@ -210,3 +238,67 @@ class JobRow(Base):
     placed_at: Mapped[float | None]
     started_at: Mapped[float | None]
     finished_at: Mapped[float | None]
+
+    # Added by migration 0002.
+    # Higher first; FIFO (``created_at``, then the time-ordered ``id``) within a priority.
+    priority: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(default=3, server_default=text("3"))
+    # Per attempt, from its placement; ``deadline_at`` is the current attempt's end.
+    timeout_s: Mapped[float | None]
+    deadline_at: Mapped[float | None]
+    lease_expires_at: Mapped[float | None]
+    owner_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    cancel_requested_at: Mapped[float | None]
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    # Readable on purpose (it signs the deliveries); never part of a view.
+    webhook_secret: Mapped[str | None] = mapped_column(String(128))
+    # The agent's last progress report (node, step, of steps...).
+    progress: Mapped[dict[str, Any] | None]
+
+    def __repr__(self) -> str:
+        return f"JobRow(id={self.id!r}, profile={self.profile!r}, state={self.state!r})"
+
+
+class JobAuditRow(Base):
+    """One job transition (or a cancel request): when, from what, to what, why, by whom."""
+
+    __tablename__ = "job_audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[float]
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # None on the row that records the submission.
+    from_state: Mapped[JobState | None] = mapped_column(
+        _state_type(JobState, "job_state", check=False)
+    )
+    to_state: Mapped[JobState] = mapped_column(_state_type(JobState, "job_state", check=False))
+    # The job's attempt count when it happened.
+    attempt: Mapped[int]
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(64))
+
+    def __repr__(self) -> str:
+        return (
+            f"JobAuditRow(job_id={self.job_id!r}, {self.from_state!s} -> {self.to_state!s}, "
+            f"reason={self.reason!r})"
+        )
+
+
+class JobOutputRow(Base):
+    """A file a job produced: its base name within the job, and the blob it is stored as."""
+
+    __tablename__ = "job_outputs"
+    __table_args__ = (UniqueConstraint("job_id", "name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    name: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    # image, video, gif, audio, text, file...
+    kind: Mapped[str] = mapped_column(String(32))
+    content_type: Mapped[str] = mapped_column(String(127))
+    created_at: Mapped[float]
+
+    def __repr__(self) -> str:
+        return f"JobOutputRow(job_id={self.job_id!r}, name={self.name!r}, size={self.size!r})"
