@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from typing import Any, Final
 import httpx
 
 from comfyfleet.clock import ScaledClock
+from comfyfleet.providers.process import free_loopback_port
 from comfyfleet.sim.files import FileServer, RunningFileServer
 from comfyfleet.sim.vast import RunningSim, SimConfig
 
@@ -39,12 +39,6 @@ ADMIN_KEY: Final = "bench-admin-" + "k" * 32
 SIM_KEY: Final = "bench-sim-key"
 BIN: Final = Path(sys.executable).parent
 MiB: Final = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_fleet(root: Path) -> Path:
@@ -97,7 +91,7 @@ def main() -> int:
             workspace_root=root / "instances",
         )
         with RunningSim(config, clock=ScaledClock(20.0)) as sim:
-            port = free_port()
+            port = free_loopback_port()
             url = f"http://127.0.0.1:{port}"
             env = {
                 **{k: v for k, v in os.environ.items() if not k.startswith(("VAST", "COMFYFLEET"))},

@@ -38,9 +38,11 @@ from comfyfleet.api.server import RunningServer
 from comfyfleet.api.settings import ApiSettings
 from comfyfleet.clock import ScaledClock, SystemClock
 from comfyfleet.controlplane import ControlPlane, build_control_plane
+from comfyfleet.envvars import environ_set
 from comfyfleet.lifecycle import InstanceState
 from comfyfleet.pool.policy import PolicySettings
 from comfyfleet.profiles import PoolPolicy, parse_fleet
+from comfyfleet.providers.process import free_loopback_port
 from comfyfleet.providers.vast import VastClient
 from comfyfleet.sim.files import Fault, FileServer, RunningFileServer
 from comfyfleet.sim.vast import RunningSim, SimConfig
@@ -69,14 +71,6 @@ POLICY = PolicySettings(
 # Boot on the simulator: about 60 simulated seconds, 3 s of real time.
 SIM_SPEED = 20.0
 READY_WITHIN = 60.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -248,7 +242,7 @@ def running_fleet(
             workspace_root=workspaces,
         )
         with RunningSim(config, clock=ScaledClock(SIM_SPEED)) as sim:
-            port = free_port()
+            port = free_loopback_port()
             manifest = write_manifest(tmp_path)
             fleet = parse_fleet(
                 fleet_yaml(
@@ -268,9 +262,8 @@ def running_fleet(
                 assert name == "vast"
                 return VastClient(SIM_KEY, sim.url)
 
-            old_env = {k: os.environ.get(k) for k in files.env()}
-            os.environ.update(files.env())  # the control plane sizes the manifest from the sim
-            try:
+            # The control plane sizes the manifest from the file server.
+            with environ_set(files.env()):
                 plane = asyncio.run(
                     build_control_plane(
                         store,
@@ -287,12 +280,6 @@ def running_fleet(
                         providers=provider,
                     )
                 )
-            finally:
-                for key, value in old_env.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
             with RunningServer(plane.app, port=port) as server:
                 yield Fleet(store, sim, files, server, plane, data_dir)
 
@@ -499,7 +486,6 @@ def test_a_local_profile_runs_the_agent_here_to_ready_and_stops_it(
     import subprocess
 
     from comfyfleet.providers.local import LocalProvider
-    from comfyfleet.providers.process import free_loopback_port
 
     own: subprocess.Popen[bytes] | None = None
     own_workspace: Path | None = None
@@ -535,9 +521,9 @@ def test_a_local_profile_runs_the_agent_here_to_ready_and_stops_it(
             provider = LocalProvider(
                 root, host_env=files.env(), stop_grace_s=3.0, workspace=own_workspace
             )
-            port = free_port()
+            port = free_loopback_port()
             data_dir = tmp_path / "data"
-            with _environ(files.env()):
+            with environ_set(files.env()):
                 plane = asyncio.run(
                     build_control_plane(
                         store,
@@ -605,20 +591,6 @@ def test_a_local_profile_runs_the_agent_here_to_ready_and_stops_it(
             own.wait(10)
 
 
-@contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 # ------------------------------------------------------------------ two serve processes
 
 
@@ -643,7 +615,7 @@ def test_two_serve_processes_on_postgresql_rent_once_per_slot_and_take_over(
         servers: list[tuple[subprocess.Popen[bytes], str]] = []
         try:
             for n in range(2):
-                port = free_port()
+                port = free_loopback_port()
                 env = {
                     **clean_env,
                     "DATABASE_URL": pg_url,

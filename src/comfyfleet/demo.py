@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,10 +34,12 @@ from pydantic import SecretStr
 from rich.console import Console
 
 from comfyfleet.clock import ScaledClock, SystemClock
+from comfyfleet.envvars import environ_set
 from comfyfleet.errors import ComfyfleetError
 from comfyfleet.market import rank_for
 from comfyfleet.offers import usual_pick
 from comfyfleet.profiles import Fleet, Profile, load_fleet
+from comfyfleet.providers.process import free_loopback_port
 from comfyfleet.providers.vast import VastClient
 from comfyfleet.sim.files import FileServer, RunningFileServer
 from comfyfleet.sim.vast import RunningSim, SimConfig
@@ -51,7 +52,6 @@ DEMO_CLOCK_SPEED = 60.0
 READY_TIMEOUT_S = 60.0
 MiB = 1 << 20
 DEMO_CIVITAI_TOKEN = "demo-civitai-token"
-PROFILE = "default"
 
 
 async def run_demo(console: Console, *, config: Path, profile_name: str, seed: int) -> None:
@@ -63,7 +63,7 @@ async def run_demo(console: Console, *, config: Path, profile_name: str, seed: i
     with (
         tempfile.TemporaryDirectory(prefix="comfyfleet-demo-") as tmp,
         RunningFileServer(FileServer()) as files,
-        _environ({**files.env(), "CIVITAI_TOKEN": DEMO_CIVITAI_TOKEN}),
+        environ_set({**files.env(), "CIVITAI_TOKEN": DEMO_CIVITAI_TOKEN}),
         _quiet("comfyfleet.pool", "comfyfleet.api"),
     ):
         root = Path(tmp)
@@ -110,22 +110,6 @@ def _quiet(*names: str) -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-
-
-@contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """``values`` in this process's environment for the block (the control plane sizes the
-    manifest from the sources, found through these variables)."""
-    old = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 async def _rank(
@@ -256,7 +240,8 @@ async def _pool(console: Console, sim: RunningSim, profile: Profile, root: Path)
     from comfyfleet.store.db import Store
     from comfyfleet.store.instances import audit_trail
 
-    port = _free_port()
+    name = profile.name  # the profile chosen with --profile
+    port = free_loopback_port()
     store = Store.open(f"sqlite:///{root / 'comfyfleet.db'}")
     settings = ApiSettings(
         admin_api_key=SecretStr(DEMO_ADMIN_KEY),
@@ -268,7 +253,7 @@ async def _pool(console: Console, sim: RunningSim, profile: Profile, root: Path)
     sim.sim.set_faults({"next_instances": ["no_space"]})
     plane = await build_control_plane(
         store,
-        fleet=Fleet(profiles={PROFILE: profile}),
+        fleet=Fleet(profiles={name: profile}),
         control_url=f"http://127.0.0.1:{port}/api",
         clock=SystemClock(),
         api_settings=settings,
@@ -280,12 +265,12 @@ async def _pool(console: Console, sim: RunningSim, profile: Profile, root: Path)
         providers=lambda _name: VastClient(DEMO_KEY, sim.url),
     )
     assert plane.pool is not None
-    size = plane.profiles[PROFILE].download_bytes
+    size = plane.profiles[name].download_bytes
     try:
         with RunningServer(plane.app, port=port) as server:
             console.rule("2. The control plane keeps one instance ready")
             console.print(
-                f"comfyfleet serve on {server.url}: pool '{PROFILE}' min_ready 1, "
+                f"comfyfleet serve on {server.url}: pool '{name}' min_ready 1, "
                 f"max_instances 2; its manifest downloads {size / 1e6:.1f} MB (from "
                 "`manifest check`: offers are ranked with it).",
                 highlight=False,
@@ -317,9 +302,9 @@ async def _pool(console: Console, sim: RunningSim, profile: Profile, root: Path)
                 await _follow(console, control, replacement, follow, display_for)
 
                 console.rule("5. A prewarm through the admin API")
-                (extra,) = await control.prewarm(PROFILE, 1)
+                (extra,) = await control.prewarm(name, 1)
                 console.print(
-                    f"POST /api/admin/pool/prewarm {{'profile': '{PROFILE}', 'count': 1}} → "
+                    f"POST /api/admin/pool/prewarm {{'profile': '{name}', 'count': 1}} → "
                     f"instance {extra}",
                     highlight=False,
                 )
@@ -330,7 +315,7 @@ async def _pool(console: Console, sim: RunningSim, profile: Profile, root: Path)
                 console.rule("6. Everything destroyed")
                 plane.pool.update_profiles(
                     {
-                        PROFILE: profile.model_copy(
+                        name: profile.model_copy(
                             update={"pool": profile.pool.model_copy(update={"min_ready": 0})}
                         )
                     }
@@ -399,11 +384,3 @@ async def _all_destroyed(control: Any, ids: list[int]) -> None:
             return
         await asyncio.sleep(0.2)
     raise ComfyfleetError("the provider did not confirm every destroy in time")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -5,10 +5,11 @@ Dependency-free, so that the agent, the store and the clients can all use it.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
-__all__ = ["env_value"]
+__all__ = ["env_value", "environ_set"]
 
 
 def env_value(env: Mapping[str, str] | None, *names: str) -> str | None:
@@ -22,3 +23,19 @@ def env_value(env: Mapping[str, str] | None, *names: str) -> str | None:
         if value:
             return value
     return None
+
+
+@contextlib.contextmanager
+def environ_set(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment for the block, then as they were before
+    (the demo and the tests point the control plane's source resolution at simulators)."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

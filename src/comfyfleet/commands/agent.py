@@ -56,13 +56,9 @@ class _LiveView(RichProgress):
 def free_port_if_zero(port: int) -> int:
     """``port``, or a port free on 127.0.0.1 now when it is 0 (``COMFY_PORT=0``: agents of
     several instances on one machine, as the simulator and the local provider run them)."""
-    if port:
-        return port
-    import socket
+    from comfyfleet.providers.process import free_loopback_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return port or free_loopback_port()
 
 
 class ConsoleReporter:
