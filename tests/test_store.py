@@ -1160,6 +1160,7 @@ def test_the_migrations_ship_inside_the_package() -> None:
     assert sorted(p.name for p in (migrations / "versions").glob("*.py")) == [
         "0001_initial.py",
         "0002_jobs.py",
+        "0003_job_delivery.py",
     ]
 
 

@@ -138,7 +138,8 @@ async def build_control_plane(
     fleet). ``reconciler`` overrides fields of ``ReconcilerSettings`` (``fleet_id``,
     ``adopt``, ``interval_s``...) over those of ``env`` (``settings_from_env``; default
     ``os.environ``). The failure policy's heartbeat interval is the API's, so that the
-    agents' rhythm and the policy's patience agree.
+    agents' rhythm and the policy's patience agree; so is its jobs per instance, so that
+    the pool rents for the queue at the rate the dispatcher places jobs.
     """
     from comfyfleet.api.app import create_app
     from comfyfleet.api.metrics import PoolMetrics
@@ -158,6 +159,7 @@ async def build_control_plane(
         options: dict[str, Any] = {
             "fleet_id": "main",
             **settings_from_env(env, heartbeat_interval_s=api_settings.heartbeat_interval_s),
+            "jobs_per_instance": api_settings.max_jobs_per_instance,
             **(reconciler or {}),
         }
         settings = ReconcilerSettings(control_url=control_url, **options)

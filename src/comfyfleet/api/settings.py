@@ -80,6 +80,16 @@ class ApiSettings(BaseModel):
     #: Instances whose events are kept in memory (the least recently reporting go first).
     instances_in_memory: int = Field(default=512, ge=1)
     profiles: dict[str, AgentProfile] = Field(default_factory=dict)
+    #: Jobs an instance runs at once (prompts in its ComfyUI's queue).
+    max_jobs_per_instance: int = Field(default=1, ge=1, le=64)
+    #: How long a job's lease lasts without a report from its agent.
+    job_lease_ttl_s: float = Field(default=60.0, gt=0)
+    #: Where job inputs and outputs are stored (content-addressed); None: data_dir/outputs.
+    outputs_dir: Path | None = None
+    #: The largest output (or input) file accepted, in bytes.
+    max_output_bytes: int = Field(default=2 << 30, gt=0)
+    #: Tests only: let webhooks reach loopback addresses (http allowed too).
+    webhook_allow_loopback: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ApiSettings:
@@ -87,8 +97,10 @@ class ApiSettings(BaseModel):
 
         ``ADMIN_API_KEY``; the secrets the agents fetch: ``HF_TOKEN`` (or
         ``HUGGINGFACE_HUB_TOKEN``), ``CIVITAI_TOKEN``, ``PROVISION_DROPBOX_LINKS_B64``;
-        ``COMFYFLEET_AGENT_WHEEL`` (a prebuilt wheel), ``COMFYFLEET_HEARTBEAT_S``, and
-        the data directory (``COMFYFLEET_DATA_DIR``...).
+        ``COMFYFLEET_AGENT_WHEEL`` (a prebuilt wheel), ``COMFYFLEET_HEARTBEAT_S``, the
+        data directory (``COMFYFLEET_DATA_DIR``...); for jobs ``COMFYFLEET_JOBS_PER_INSTANCE``,
+        ``COMFYFLEET_JOB_LEASE_S``, ``COMFYFLEET_OUTPUTS_DIR``, ``COMFYFLEET_MAX_OUTPUT_BYTES``
+        and (tests only) ``COMFYFLEET_WEBHOOK_ALLOW_LOOPBACK``.
         """
         values: dict[str, Any] = {"data_dir": data_dir(env)}
         if key := env_value(env, "ADMIN_API_KEY"):
@@ -104,8 +116,22 @@ class ApiSettings(BaseModel):
             values["agent_wheel"] = Path(wheel).expanduser()
         if interval := env_value(env, "COMFYFLEET_HEARTBEAT_S"):
             values["heartbeat_interval_s"] = interval
+        for field, variable in (
+            ("max_jobs_per_instance", "COMFYFLEET_JOBS_PER_INSTANCE"),
+            ("job_lease_ttl_s", "COMFYFLEET_JOB_LEASE_S"),
+            ("outputs_dir", "COMFYFLEET_OUTPUTS_DIR"),
+            ("max_output_bytes", "COMFYFLEET_MAX_OUTPUT_BYTES"),
+        ):
+            if value := env_value(env, variable):
+                values[field] = value
+        if env_value(env, "COMFYFLEET_WEBHOOK_ALLOW_LOOPBACK") in ("1", "true", "yes"):
+            values["webhook_allow_loopback"] = True
         values.update(overrides)
         return cls.model_validate(values)
+
+    def outputs_root(self) -> Path:
+        """Where job inputs and outputs are stored."""
+        return self.outputs_dir if self.outputs_dir is not None else self.data_dir / "outputs"
 
     def agent_secrets(self) -> dict[str, str]:
         """What ``GET /agent/secrets`` answers: only the secrets that are configured."""

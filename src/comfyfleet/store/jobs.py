@@ -42,7 +42,13 @@ from sqlalchemy.orm import Session, defer
 from comfyfleet.errors import StaleInstanceState, StoreError
 from comfyfleet.lifecycle import JOB_TERMINAL_STATES, JOB_TRANSITIONS, InstanceState, JobState
 from comfyfleet.store.instances import get_instance, scrub, transition
-from comfyfleet.store.models import InstanceRow, JobAuditRow, JobOutputRow, JobRow
+from comfyfleet.store.models import (
+    InstanceRow,
+    JobAuditRow,
+    JobOutputRow,
+    JobRow,
+    WebhookDeliveryRow,
+)
 
 __all__ = [
     "ACTIVE_JOB_STATES",
@@ -61,10 +67,13 @@ __all__ = [
     "complete_job",
     "expire_leases",
     "fail_job",
+    "fail_jobs_pinned_to_ended_instances",
+    "fail_pinned_jobs",
     "fail_timed_out_jobs",
     "finish_cancelled",
     "get_job",
     "get_output",
+    "held_job",
     "job_outputs",
     "job_trail",
     "job_view",
@@ -77,12 +86,14 @@ __all__ = [
     "queued_counts",
     "record_output",
     "renew_job_lease",
+    "report_on_lease",
     "report_progress",
     "request_cancel",
     "requeue_jobs_of_instance",
     "safe_output_name",
     "start_job",
     "submit_job",
+    "unpinned_queued_counts",
 ]
 
 ACTIVE_JOB_STATES: Final = frozenset({JobState.PLACED, JobState.RUNNING})
@@ -282,6 +293,18 @@ def _finish(
     job.deadline_at = None
     if error is not None:
         job.error = scrub(error)
+    if job.webhook_url is not None:
+        # In the transaction that ends the job: a crash cannot end it without its
+        # delivery row (the API's webhook loop sends it, and retries it).
+        session.add(
+            WebhookDeliveryRow(
+                job_id=job.id,
+                event=f"job.{to_state.value}",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
 
 
 def _active_count(session: Session, instance_id: int) -> int:
@@ -395,6 +418,7 @@ def submit_job(
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
     job_id: str | None = None,
+    pinned_instance_id: int | None = None,
 ) -> JobRow:
     """Record a job in ``queued``, with its audit row.
 
@@ -402,6 +426,7 @@ def submit_job(
     ``webhook_url`` and no ``webhook_secret`` gets a new secret (``whsec_...``): it is
     on the returned row for the submitter, and in no view. The URL's safety (https, no
     private address) is the API's to check, where it resolves the name.
+    ``pinned_instance_id`` reserves the job to that instance (an OnStart job).
     """
     if not profile or len(profile) > 64:
         raise StoreError("a job needs a profile name of 1 to 64 characters")
@@ -427,6 +452,7 @@ def submit_job(
         owner_key_id=owner_key_id,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret if webhook_url is not None else None,
+        pinned_instance_id=pinned_instance_id,
         created_at=now,
         updated_at=now,
     )
@@ -706,6 +732,76 @@ def fail_timed_out_jobs(session: Session, now: float) -> list[JobRow]:
     return failed
 
 
+def unpinned_queued_counts(session: Session) -> dict[str, int]:
+    """Per profile, the queued jobs reserved to no instance: what the pool rents for.
+
+    An OnStart job is left out: its instance is rented for it, and no other runs it.
+    """
+    query = (
+        select(JobRow.profile, func.count())
+        .where(JobRow.state == JobState.QUEUED, JobRow.pinned_instance_id.is_(None))
+        .group_by(JobRow.profile)
+    )
+    return {profile: int(count) for profile, count in session.execute(query)}
+
+
+def fail_pinned_jobs(session: Session, instance_id: int, error: str, now: float) -> list[JobRow]:
+    """End every job reserved to ``instance_id`` that has not ended (its OnStart job): the
+    instance failed or is being destroyed, and no other instance may run it. Failed with
+    ``error`` (cancelled, when a cancel was requested); the ended rows.
+
+    Call it in the transaction that moves the instance to ``destroying`` (or ends it),
+    before ``requeue_jobs_of_instance``, which would queue the job again for nobody.
+    """
+    jobs = _lock_all(
+        session,
+        JobRow.pinned_instance_id == instance_id,
+        JobRow.state.not_in(sorted(JOB_TERMINAL_STATES)),
+    )
+    for job in jobs:
+        if job.cancel_requested_at is not None:
+            _finish(
+                session,
+                job,
+                JobState.CANCELLED,
+                reason=f"cancelled: {error}",
+                actor=_SCHEDULER,
+                now=now,
+                error="cancelled at the user's request",
+            )
+        else:
+            _finish(
+                session, job, JobState.FAILED, reason=error, actor=_SCHEDULER, now=now, error=error
+            )
+    session.flush()
+    return jobs
+
+
+def fail_jobs_pinned_to_ended_instances(session: Session, now: float) -> list[JobRow]:
+    """Fail the jobs that have not ended and are reserved to an instance that is
+    ``destroying``, ``destroyed`` or ``failed``, whoever moved it there: the sweep behind
+    ``fail_pinned_jobs``. The reason names the instance and its failure, if any."""
+    gone = (InstanceState.DESTROYING, InstanceState.DESTROYED, InstanceState.FAILED)
+    query = (
+        select(InstanceRow.id, InstanceRow.failure_reason)
+        .join(JobRow, JobRow.pinned_instance_id == InstanceRow.id)
+        .where(
+            InstanceRow.state.in_(sorted(gone)),
+            JobRow.state.not_in(sorted(JOB_TERMINAL_STATES)),
+        )
+        .distinct()
+        .order_by(InstanceRow.id)
+    )
+    ended: list[JobRow] = []
+    for instance_id, failure in list(session.execute(query)):
+        if failure:
+            error = f"its OnStart instance {instance_id} failed: {failure}"
+        else:
+            error = f"its OnStart instance {instance_id} was destroyed before the job ended"
+        ended.extend(fail_pinned_jobs(session, instance_id, error, now))
+    return ended
+
+
 def request_cancel(
     session: Session, job_id: str, now: float, *, key_id: int | None = None
 ) -> JobRow:
@@ -789,6 +885,43 @@ def report_progress(
     job = _held(session, job_id, lease_id)
     job.progress = progress
     job.updated_at = now
+    session.flush()
+    return job
+
+
+def held_job(session: Session, job_id: str, lease_id: str) -> JobRow:
+    """The job, locked, if ``lease_id`` is its current lease and it has not ended.
+
+    ``StaleJobLease`` or ``JobAlreadyEnded`` otherwise (``UnknownJob`` for no such job);
+    the request is read only when touched. For a call that must see the job before it
+    moves it (whose instance it is on, whether a cancel was requested).
+    """
+    return _held(session, job_id, lease_id)
+
+
+def report_on_lease(
+    session: Session,
+    job_id: str,
+    lease_id: str,
+    now: float,
+    *,
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    progress: dict[str, Any] | None = None,
+) -> JobRow:
+    """One report of the agent's under its lease, with one row lock: the lease extended to
+    ``now + lease_ttl_s``, ``progress`` kept when given, and a ``placed`` job whose
+    progress carries a ``prompt_id`` (its prompt is in ComfyUI's queue) moved to
+    ``running``. The row tells the agent whether a cancel was requested."""
+    if lease_ttl_s <= 0:
+        raise ValueError("a lease's ttl must be positive")
+    job = _held(session, job_id, lease_id)
+    job.lease_expires_at = now + lease_ttl_s
+    if progress is not None:
+        job.progress = progress
+        job.updated_at = now
+        if progress.get("prompt_id") and job.state is JobState.PLACED:
+            job.started_at = now
+            _move(session, job, JobState.RUNNING, reason="started", actor=_AGENT, now=now)
     session.flush()
     return job
 

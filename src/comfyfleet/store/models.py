@@ -134,6 +134,9 @@ class InstanceRow(Base):
     updated_at: Mapped[float]
     ready_at: Mapped[float | None]
     ended_at: Mapped[float | None]
+    # Added by migration 0003: the job this instance was rented to run at boot (OnStart);
+    # the reconciler destroys the instance once that job has ended.
+    onstart_job_id: Mapped[str | None] = mapped_column(String(36))
 
     def __repr__(self) -> str:
         return f"InstanceRow(id={self.id!r}, label={self.label!r}, state={self.state!r})"
@@ -254,6 +257,8 @@ class JobRow(Base):
     webhook_secret: Mapped[str | None] = mapped_column(String(128))
     # The agent's last progress report (node, step, of steps...).
     progress: Mapped[dict[str, Any] | None]
+    # Added by migration 0003: only this instance may take the job (an OnStart job).
+    pinned_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True)
 
     def __repr__(self) -> str:
         return f"JobRow(id={self.id!r}, profile={self.profile!r}, state={self.state!r})"
@@ -282,6 +287,29 @@ class JobAuditRow(Base):
             f"JobAuditRow(job_id={self.job_id!r}, {self.from_state!s} -> {self.to_state!s}, "
             f"reason={self.reason!r})"
         )
+
+
+class WebhookDeliveryRow(Base):
+    """One webhook event to deliver for a job (``job.succeeded``...), until it is delivered
+    or given up: kept in the store so that a restart loses no delivery."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "event"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    event: Mapped[str] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    # None once delivered or given up: nothing more to do.
+    next_attempt_at: Mapped[float | None] = mapped_column(index=True)
+    delivered_at: Mapped[float | None]
+    given_up_at: Mapped[float | None]
+    last_status: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float]
+
+    def __repr__(self) -> str:
+        return f"WebhookDeliveryRow(job_id={self.job_id!r}, event={self.event!r})"
 
 
 class JobOutputRow(Base):
