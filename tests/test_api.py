@@ -404,6 +404,7 @@ def test_register_then_stage_events_move_the_instance_with_an_audit_row_each(api
         "heartbeat_interval_s": 30.0,
         "manifest": {"models": []},
         "comfy": {"attach_url": "http://127.0.0.1:18188", "command": None, "args": []},
+        "onstart_job_id": None,
     }
     row = api.store.run_sync(lambda session: get_instance(session, rental.id))
     assert row.state is S.BOOTING

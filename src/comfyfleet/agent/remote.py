@@ -71,6 +71,8 @@ class Registration:
     manifest: dict[str, Any] | None
     #: ``attach_url``, ``command``, ``args``: how to run ComfyUI (None: the agent's defaults).
     comfy: dict[str, Any] = field(default_factory=dict)
+    #: An OnStart instance's job: the agent runs it alone, then polls for nothing else.
+    onstart_job_id: str | None = None
 
 
 class _Retryable(Exception):
@@ -291,10 +293,12 @@ class RemoteReporter:
                 self._interval_changed.set()
         manifest = data.get("manifest")
         comfy = data.get("comfy") or {}
+        onstart_job_id = data.get("onstart_job_id")
         return Registration(
             heartbeat_interval_s=interval,
             manifest=manifest if isinstance(manifest, dict) else None,
             comfy=comfy if isinstance(comfy, dict) else {},
+            onstart_job_id=onstart_job_id if isinstance(onstart_job_id, str) else None,
         )
 
     async def fetch_secrets(self, *, attempts: int = 8) -> dict[str, str]:

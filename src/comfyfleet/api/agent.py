@@ -35,6 +35,7 @@ from comfyfleet.api.settings import AgentProfile
 from comfyfleet.api.wheel import SHA256_HEADER
 from comfyfleet.errors import ComfyfleetError
 from comfyfleet.lifecycle import InstanceState, can_transition
+from comfyfleet.scheduler.dispatch import instance_key
 from comfyfleet.store.instances import get_instance, scrub, transition
 from comfyfleet.store.models import InstanceRow
 
@@ -72,7 +73,7 @@ async def register(body: RegisterRequest, ctx: Ctx, token: Token) -> RegisterAns
     """Record the agent's registration; answer with the manifest and how to run ComfyUI."""
     now = ctx.clock.now()
 
-    def work(session: Session) -> tuple[str, str]:
+    def work(session: Session) -> tuple[str, str, str | None]:
         token_opens(session, body.instance_id, token)
         row = get_instance(session, body.instance_id, lock=True)
         if row.registered_at is None:
@@ -87,9 +88,9 @@ async def register(body: RegisterRequest, ctx: Ctx, token: Token) -> RegisterAns
                 actor=AGENT_ACTOR,
                 now=now,
             )
-        return row.profile, row.state.value
+        return row.profile, row.state.value, row.onstart_job_id
 
-    profile, state = await ctx.store.run(work)
+    profile, state, onstart_job_id = await ctx.store.run(work)
     line = (
         f"agent {body.agent_version or '?'} registered from {body.hostname or '?'} "
         f"(workspace {body.workspace or '?'}); instance is {state}"
@@ -100,6 +101,7 @@ async def register(body: RegisterRequest, ctx: Ctx, token: Token) -> RegisterAns
         heartbeat_interval_s=ctx.settings.heartbeat_interval_s,
         manifest=spec.manifest,
         comfy=spec.comfy,
+        onstart_job_id=onstart_job_id,
     )
 
 
@@ -146,6 +148,8 @@ async def events(body: EventBatch, ctx: Ctx, token: Token) -> dict[str, int]:
             ctx.metrics.agent_events(kind, count)
     if applied.became_ready:
         ctx.metrics.time_to_ready(applied.profile, now - applied.created_at)
+        # An agent already waiting in ``next`` is handed its first job now, not a second later.
+        ctx.signals.notify(instance_key(body.instance_id))
     return {"accepted": len(body.events)}
 
 

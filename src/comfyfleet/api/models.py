@@ -22,6 +22,10 @@ __all__ = [
     "HeartbeatRequest",
     "InstanceView",
     "LogEvent",
+    "OnStartAnswer",
+    "OnStartImage",
+    "OnStartJobBody",
+    "OnStartRequest",
     "PoolView",
     "PrewarmRequest",
     "ProgressEvent",
@@ -106,6 +110,8 @@ class RegisterAnswer(BaseModel):
     heartbeat_interval_s: float
     manifest: dict[str, Any] | None
     comfy: ComfySpec
+    #: The job this instance was rented to run (an OnStart instance): it runs that job alone.
+    onstart_job_id: str | None = None
 
 
 class HeartbeatRequest(_AgentBody):
@@ -197,3 +203,63 @@ class EventsPage(BaseModel):
     events: list[dict[str, Any]]
     #: The instance's provision log file on the control plane's machine, once it has one.
     log_file: str | None = None
+
+
+# ------------------------------------------------------------------ OnStart rentals
+
+
+class OnStartImage(BaseModel):
+    """Which LoadImage node of an OnStart job takes which of its inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node: str | None = Field(
+        default=None, description="The node's id, title or class_type; null: the only LoadImage."
+    )
+    name: str = Field(min_length=1, max_length=255, description="The input's file name.")
+
+
+class OnStartJobBody(BaseModel):
+    """The job of an OnStart rental: ``POST /api/jobs``'s JSON body without what such a
+    job cannot choose (its profile is the rental's; one attempt, no priority)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    workflow: dict[str, Any] | str = Field(description="The API-format workflow (or its text).")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="File name to its bytes in base64."
+    )
+    prompt: str | None = Field(default=None, description="The positive prompt's text.")
+    images: list[OnStartImage] | None = Field(
+        default=None,
+        description="The LoadImage node each input goes to; with one input and none given, "
+        "the workflow's only LoadImage.",
+    )
+    overrides: list[str] = Field(
+        default_factory=list,
+        alias="set",
+        description='NODE.INPUT=VALUE overrides, e.g. ["3.seed=42", "KSampler.steps=30"].',
+    )
+    randomize_seeds: bool = Field(
+        default=True, description="Draw every seed no override set at random."
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="The job's timeout in seconds, from its start."
+    )
+
+
+class OnStartRequest(BaseModel):
+    """``POST /api/admin/pool/onstart``: rent an instance of ``profile`` for ``job``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str = Field(min_length=1, max_length=64)
+    job: OnStartJobBody
+
+
+class OnStartAnswer(BaseModel):
+    """The OnStart rental as recorded: follow the instance, then the job."""
+
+    profile: str
+    instance_id: int
+    job_id: str

@@ -420,15 +420,23 @@ def run_command(
         raise typer.Exit(code)
 
 
+#: Work that runs beside supervision once ComfyUI is ready (``agent connect``'s job
+#: worker): given the supervisor and the event set at SIGINT/SIGTERM, and awaited before
+#: ComfyUI is stopped.
+AfterReady = Callable[["ComfySupervisor", asyncio.Event], Coroutine[Any, Any, None]]
+
+
 async def run_and_supervise(
     agent_run: Coroutine[Any, Any, AgentResult],
     *,
     exit_when_ready: bool,
     note: Callable[[str], None] | None = None,
+    after_ready: AfterReady | None = None,
 ) -> int:
     """Await the agent's run (``run_agent``), then supervise ComfyUI in the foreground
     until SIGINT/SIGTERM; returns the exit status. ``agent run`` and ``agent connect``
-    both end here."""
+    both end here. ``after_ready`` runs beside supervision (not with ``exit_when_ready``);
+    if it fails, ComfyUI is stopped and the exit status is 1."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -480,22 +488,50 @@ async def run_and_supervise(
         how = "attached" if supervisor.attached else f"pid {supervisor.pid}"
         if note is not None:
             note(f"ComfyUI at {result.url} ({how}); Ctrl-C stops supervision")
-        return await _supervise(supervisor, stop)
+        return await _supervise(supervisor, stop, after_ready)
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
 
 
-async def _supervise(supervisor: ComfySupervisor, stop: asyncio.Event) -> int:
+async def _after_ready(work: AfterReady, supervisor: ComfySupervisor, stop: asyncio.Event) -> bool:
+    """Run ``work``; on a failure say so and set ``stop``. False when it failed."""
+    try:
+        await work(supervisor, stop)
+    except Exception as error:
+        err_console.print(
+            f"[bold red]error:[/] {error or type(error).__name__}", highlight=False, soft_wrap=True
+        )
+        stop.set()
+        return False
+    return True
+
+
+async def _supervise(
+    supervisor: ComfySupervisor, stop: asyncio.Event, after_ready: AfterReady | None = None
+) -> int:
     """Keep supervising until ``stop`` is set (then stop ComfyUI) or supervision gives up."""
     from comfyfleet.errors import ComfyfleetError
 
+    beside = (
+        asyncio.ensure_future(_after_ready(after_ready, supervisor, stop))
+        if after_ready is not None
+        else None
+    )
     waiting = asyncio.ensure_future(supervisor.wait())
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
+    beside_ok = True
+    if beside is not None:
+        # Stopping: the work winds down (running jobs reported) while ComfyUI still runs.
+        # Supervision gave up: ComfyUI is gone, there is nothing to wind down.
+        if not stop.is_set():
+            beside.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            beside_ok = await beside
     if stop.is_set():
         waiting.cancel()
         with contextlib.suppress(asyncio.CancelledError, ComfyfleetError):
@@ -508,7 +544,7 @@ async def _supervise(supervisor: ComfySupervisor, stop: asyncio.Event) -> int:
             )
         else:
             console.print(f"Stopped ComfyUI (pid {pid})", highlight=False)
-        return 0
+        return 0 if beside_ok else 1
     try:
         waiting.result()
     except ComfyfleetError as error:

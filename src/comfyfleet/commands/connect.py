@@ -6,7 +6,9 @@ The instance's onstart runs it (docs/agent-protocol.md) with only this environme
 source tokens and Dropbox links into its own environment, writes the manifest the
 control plane answered into the workspace, and runs the agent (provision, ComfyUI,
 warm-up) reporting both to the console and to the control plane; at ``ready`` it
-keeps ComfyUI supervised, with heartbeats, until SIGTERM or SIGINT.
+keeps ComfyUI supervised, with heartbeats, and runs the control plane's jobs on it
+(``agent/worker.py``: ``COMFYFLEET_JOBS_PER_INSTANCE`` at once, default 1; an OnStart
+instance runs its one job) until SIGTERM or SIGINT, which stop the jobs first.
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ from comfyfleet.agent.remote import AgentAuthError, Registration, RemoteReporter
 from comfyfleet.agent.report import FanOut
 from comfyfleet.clikit import console, err_console, friendly, run
 from comfyfleet.clock import SystemClock
-from comfyfleet.commands.agent import free_port_if_zero, run_and_supervise
+from comfyfleet.commands.agent import AfterReady, free_port_if_zero, run_and_supervise
 from comfyfleet.envvars import env_value
 from comfyfleet.errors import ConfigError
 
 if TYPE_CHECKING:
-    pass
+    from comfyfleet.agent.comfy import ComfySupervisor
+    from comfyfleet.agent.report import Reporter
 
 __all__ = ["MANIFEST_NAME", "InstanceEnv", "connect", "read_instance_env"]
 
 #: Where the manifest from the control plane is written in the workspace.
 MANIFEST_NAME: Final = "comfyfleet-manifest.yaml"
+#: The workspace folder that holds each running job's inputs and temporary files.
+JOBS_DIR: Final = "comfyfleet-jobs"
 DEFAULT_WORKSPACE: Final = "/workspace"
 
 
@@ -105,6 +110,14 @@ def connect(
             help="Exit 0 at ready and leave ComfyUI running (heartbeats stop with the agent).",
         ),
     ] = False,
+    jobs: Annotated[
+        bool,
+        typer.Option(
+            "--jobs/--no-jobs",
+            help="Run the control plane's jobs once ComfyUI is ready (--no-jobs: only "
+            "provision, supervise and report).",
+        ),
+    ] = True,
 ) -> None:
     """Dial home: register with the control plane, provision, run ComfyUI, report, heartbeat.
 
@@ -123,6 +136,7 @@ def connect(
             port=port,
             concurrency=concurrency,
             exit_when_ready=exit_when_ready,
+            jobs=jobs,
         )
     )
     if code:
@@ -151,10 +165,12 @@ async def _connect(
     port: int,
     concurrency: int,
     exit_when_ready: bool,
+    jobs: bool = True,
 ) -> int:
     from comfyfleet.agent.provision import ProvisionOptions
     from comfyfleet.agent.run import CONFIG_INVALID, run_agent
     from comfyfleet.agent.sources import LINKS_ENV_VAR, decode_links_env
+    from comfyfleet.agent.worker import jobs_per_instance
     from comfyfleet.commands.agent import ConsoleReporter
     from comfyfleet.manifest import load_manifest
 
@@ -186,6 +202,7 @@ async def _connect(
                 manifest = load_manifest(path)
                 encoded = os.environ.get(LINKS_ENV_VAR, "").strip()
                 links = decode_links_env(encoded) if encoded else []
+                slots = jobs_per_instance()
             except ConfigError as error:
                 reporter.stage("failed", CONFIG_INVALID)
                 reporter.log(f"AGENT FAILED ({CONFIG_INVALID}): {error}", "error")
@@ -199,6 +216,7 @@ async def _connect(
                     comfy_options_overrides=_comfy_overrides(registration, comfy_command, port),
                 ),
                 exit_when_ready=exit_when_ready,
+                after_ready=_job_runner(found, registration, slots, reporter) if jobs else None,
             )
     finally:
         await remote.aclose(flush_within_s=15.0)
@@ -208,6 +226,31 @@ async def _connect(
                 f"events, {remote.dropped_logs} log lines[/]",
                 highlight=False,
             )
+
+
+def _job_runner(
+    found: InstanceEnv, registration: Registration, slots: int, reporter: Reporter
+) -> AfterReady:
+    """The job worker, run beside supervision once ComfyUI is ready."""
+
+    async def run_jobs(supervisor: ComfySupervisor, stop: asyncio.Event) -> None:
+        from comfyfleet.agent.worker import JobsClient, JobWorker
+
+        async with (
+            JobsClient(found.url, found.token, found.instance_id) as client,
+            supervisor.client() as comfy,
+        ):
+            worker = JobWorker(
+                client,
+                comfy,
+                slots=slots,
+                workdir=found.workspace / JOBS_DIR,
+                reporter=reporter,
+                onstart_job_id=registration.onstart_job_id,
+            )
+            await worker.run(stop)
+
+    return run_jobs
 
 
 def _write_manifest(workspace: Path, manifest: dict[str, Any]) -> Path:
