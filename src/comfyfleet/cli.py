@@ -22,7 +22,9 @@ from comfyfleet.clikit import console, err_console, friendly, run
 from comfyfleet.commands import agent as agent_commands
 from comfyfleet.commands import dropbox as dropbox_commands
 from comfyfleet.commands import fleet as fleet_commands
+from comfyfleet.commands import keys as keys_commands
 from comfyfleet.commands import manifest as manifest_commands
+from comfyfleet.commands import run as run_commands
 from comfyfleet.commands.connect import connect
 from comfyfleet.commands.serve import serve
 from comfyfleet.config import find_fleet_file
@@ -55,7 +57,9 @@ app.command("up")(fleet_commands.up)
 app.command("monitor")(fleet_commands.monitor)
 app.command("pool")(fleet_commands.pool)
 app.command("audit")(fleet_commands.audit)
+app.command("run")(run_commands.run)
 app.add_typer(dropbox_commands.app, name="dropbox")
+app.add_typer(keys_commands.app, name="keys")
 
 ConfigOption = Annotated[
     Path | None,

@@ -1,4 +1,4 @@
-"""The control plane's FastAPI application: agent, admin, metrics and health routes.
+"""The control plane's FastAPI application: agent, admin, jobs, metrics and health routes.
 
 ``create_app(store, settings, clock=..., pool=...)`` builds it over a migrated store;
 the caller owns the store (and closes it). ``pool`` is the warm pool's
@@ -6,7 +6,8 @@ the caller owns the store (and closes it). ``pool`` is the warm pool's
 ``PoolMetrics`` the pool counts its rentals in; by default the app makes its own,
 found at ``app.state.metrics``. ``background`` runs beside the server for its
 lifetime (``comfyfleet serve`` passes the warm pool's reconcile loops): it is started
-with the app and given an event that is set when the app shuts down.
+with the app and given an event that is set when the app shuts down. The webhook
+deliverer (``api/webhooks.py``) runs beside it the same way, always.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from comfyfleet import __version__
-from comfyfleet.api import admin, agent
+from comfyfleet.api import admin, agent, agent_jobs, jobs, webhooks
 from comfyfleet.api.context import ApiContext
 from comfyfleet.api.control import PoolControl
 from comfyfleet.api.events import EventBuffer, ProvisionLogs
@@ -29,6 +30,8 @@ from comfyfleet.api.metrics import PoolMetrics, StoreCollector
 from comfyfleet.api.settings import ApiSettings
 from comfyfleet.api.wheel import AgentWheel
 from comfyfleet.clock import Clock
+from comfyfleet.outputs import LocalOutputStore
+from comfyfleet.scheduler.signals import JobSignals
 from comfyfleet.store.db import Store
 
 __all__ = ["Background", "create_app"]
@@ -74,23 +77,33 @@ def create_app(
         if wheel is not None
         else AgentWheel(path=settings.agent_wheel, build_dir=settings.data_dir / "agent-wheel"),
         started_at=started_at,
+        outputs=LocalOutputStore(settings.outputs_root(), max_bytes=settings.max_output_bytes),
+        signals=JobSignals(),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if background is None:
-            yield
-            return
         stop = asyncio.Event()
-        task = asyncio.create_task(background(stop), name="comfyfleet-background")
+        # Webhook deliveries are rows in the store: every replica sends the due ones.
+        tasks = [
+            asyncio.create_task(
+                webhooks.run_webhook_loop(
+                    store, clock, stop, allow_loopback=settings.webhook_allow_loopback
+                ),
+                name="comfyfleet-webhooks",
+            )
+        ]
+        if background is not None:
+            tasks.append(asyncio.create_task(background(stop), name="comfyfleet-background"))
         try:
             yield
         finally:
             stop.set()
-            try:
-                await asyncio.wait_for(task, 30)
-            except Exception:
-                log.exception("the background work did not stop cleanly")
+            for task in tasks:
+                try:
+                    await asyncio.wait_for(task, 30)
+                except Exception:
+                    log.exception("%s did not stop cleanly", task.get_name())
 
     app = FastAPI(
         lifespan=lifespan,
@@ -101,7 +114,9 @@ def create_app(
     app.state.ctx = ctx
     app.state.metrics = metrics
     app.include_router(agent.router)
+    app.include_router(agent_jobs.router)
     app.include_router(admin.router)
+    app.include_router(jobs.router)
 
     @app.get("/api/health", tags=["health"])
     async def health() -> dict[str, object]:
