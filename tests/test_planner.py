@@ -24,6 +24,7 @@ from comfyfleet.pool.planner import (
     Alert,
     Destroy,
     DestroyOrphan,
+    Drain,
     ObservedInstance,
     PlannerSettings,
     ProviderContract,
@@ -248,14 +249,140 @@ def test_lowering_the_spend_cap_destroys_until_under_it() -> None:
 def test_a_profile_removed_from_the_fleet_is_destroyed_once_its_jobs_are_done() -> None:
     rows = [row(1, slot=0), row(2, "busy", slot=1), row(3, slot=2, verdict=LOAD_FAILED)]
     actions = run({}, rows)
-    assert kinds(actions) == ["Destroy", "Replace"]
+    assert kinds(actions) == ["Destroy", "Drain", "Replace"]
     assert isinstance(actions[0], Destroy) and actions[0].reason == "profile_removed"
+    # The busy one takes no new job and is destroyed once its job has ended.
+    assert actions[1] == Drain(2, "sdxl", 1, "profile_removed", actions[1].message)
+    assert run({}, [row(2, "draining", slot=1, running_jobs=1)]) == []
+    (drained,) = run({}, [row(2, "draining", slot=1, running_jobs=0)])
+    assert isinstance(drained, Destroy) and drained.reason == "drained"
 
 
 def test_a_draining_instance_is_destroyed_when_its_last_job_ends() -> None:
     assert run({"sdxl": pool(0, 1)}, [row(1, "draining", running_jobs=1)]) == []
     (destroy,) = run({"sdxl": pool(0, 1)}, [row(1, "draining", running_jobs=0)])
     assert isinstance(destroy, Destroy) and destroy.reason == "drained"
+
+
+def test_lowering_max_instances_below_the_busy_ones_drains_the_highest_slot() -> None:
+    rows = [row(1, "busy", slot=0, running_jobs=1), row(2, "busy", slot=1, running_jobs=1)]
+    actions = run({"sdxl": pool(0, 1)}, rows)
+    assert actions == [Drain(2, "sdxl", 1, "over_max_instances", actions[0].message)]
+    assert "finishes its jobs" in actions[0].message
+    # Draining, it no longer counts among those that stay: nothing more is cut.
+    rows[1] = row(2, "draining", slot=1, running_jobs=1)
+    assert run({"sdxl": pool(0, 1)}, rows) == []
+
+
+# ---------------------------------------------------------------- queue depth
+
+
+def test_queued_jobs_rent_beyond_min_ready_up_to_max_instances() -> None:
+    assert run({"sdxl": pool(1, 3)}, [], queued={"sdxl": 2}) == [
+        Rent("sdxl", 0),
+        Rent("sdxl", 1),
+    ]
+    # Five waiting, three at most: the caps hold as they do for min_ready.
+    assert run({"sdxl": pool(0, 3)}, [], queued={"sdxl": 5}) == [
+        Rent("sdxl", 0),
+        Rent("sdxl", 1),
+        Rent("sdxl", 2),
+    ]
+
+
+def test_queued_jobs_are_covered_first_by_idle_and_booting_instances() -> None:
+    rows = [row(1, slot=0), row(2, "downloading", slot=1)]
+    assert run({"sdxl": pool(0, 4)}, rows, queued={"sdxl": 2}) == []
+    assert run({"sdxl": pool(0, 4)}, rows, queued={"sdxl": 3}) == [Rent("sdxl", 2)]
+
+
+def test_busy_instances_cover_no_queued_job_at_one_job_each_but_do_with_more() -> None:
+    rows = [row(1, "busy", slot=0, running_jobs=1)]
+    assert run({"sdxl": pool(0, 3)}, rows, queued={"sdxl": 1}) == [Rent("sdxl", 1)]
+    # At two jobs per instance, the busy one takes the waiting job.
+    assert run({"sdxl": pool(0, 3)}, rows, queued={"sdxl": 1}, jobs_per_instance=2) == []
+    # Three more: one on the busy one, two on one new instance.
+    actions = run({"sdxl": pool(0, 3)}, rows, queued={"sdxl": 3}, jobs_per_instance=2)
+    assert actions == [Rent("sdxl", 1)]
+
+
+def test_queued_jobs_rent_within_the_spend_cap() -> None:
+    actions = run(
+        {"sdxl": pool(0, 5, max_hourly_spend=1.0)},
+        [],
+        queued={"sdxl": 4},
+        rental_dph={"sdxl": 0.4},
+    )
+    assert [a.slot for a in actions if isinstance(a, Rent)] == [0, 1]
+
+
+def test_queued_jobs_of_another_profile_rent_nothing_here() -> None:
+    assert run({"sdxl": pool(0, 2)}, [], queued={"flux": 3}) == []
+
+
+def test_idle_instances_are_kept_while_jobs_wait() -> None:
+    rows = [row(x, slot=i, state_since=NOW - 1000) for i, x in enumerate((1, 2, 3))]
+    desired = {"sdxl": pool(1, 3, idle_ttl_seconds=900)}
+    assert run(desired, rows, queued={"sdxl": 1}) == []
+    assert kinds(run(desired, rows, queued={})) == ["ScaleDown", "ScaleDown"]
+
+
+def test_brakes_stop_renting_for_queued_jobs_and_say_why() -> None:
+    actions = run({"sdxl": pool(0, 2)}, [], queued={"sdxl": 1}, brakes=STOP)
+    assert kinds(actions) == ["Alert"]
+
+
+# ---------------------------------------------------------------- OnStart instances
+
+
+def onstart(id: int, state: str = "ready", job_state: str | None = "queued", **more: Any) -> Any:
+    return row(id, state, slot=None, onstart_job=f"job-{id}", onstart_job_state=job_state, **more)
+
+
+def test_an_onstart_instance_counts_in_the_caps_but_never_towards_min_ready() -> None:
+    rows = [onstart(1, "booting")]
+    assert run({"sdxl": pool(1, 2)}, rows) == [Rent("sdxl", 0)]
+    assert run({"sdxl": pool(1, 1)}, rows) == []  # no room left beside it
+
+
+def test_an_onstart_instance_is_never_scaled_down_or_cut_while_its_job_is_active() -> None:
+    for job_state in ("queued", "placed", "running"):
+        state = "ready" if job_state == "queued" else "busy"
+        rows = [onstart(1, state, job_state, state_since=NOW - 300, running_jobs=1)]
+        assert run({"sdxl": pool(0, 2, idle_ttl_seconds=0)}, rows) == []
+        assert run({"sdxl": pool(0, 0)}, rows) == []  # over the caps: still kept
+        assert run({}, rows) == []  # even with its profile gone
+
+
+@pytest.mark.parametrize(
+    ("job_state", "reason"),
+    [("succeeded", "onstart_done"), ("failed", "onstart_failed"), ("cancelled", "onstart_failed")],
+)
+def test_an_onstart_instance_is_destroyed_once_its_job_has_ended(
+    job_state: str, reason: str
+) -> None:
+    (destroy,) = run({"sdxl": pool(0, 2)}, [onstart(1, "ready", job_state)])
+    assert destroy == Destroy(1, 1001, "sdxl", None, reason, f"its OnStart job job-1 {job_state}")
+    assert not any(isinstance(a, Replace) for a in run({}, [onstart(1, "ready", job_state)]))
+
+
+def test_an_onstart_instance_whose_agent_never_takes_its_job_is_destroyed() -> None:
+    fresh = onstart(1, "ready", "queued", state_since=NOW - 599)
+    assert run({"sdxl": pool(0, 2)}, [fresh]) == []
+    stale = onstart(1, "ready", "queued", state_since=NOW - 601)
+    (destroy,) = run({"sdxl": pool(0, 2)}, [stale])
+    assert isinstance(destroy, Destroy) and destroy.reason == "onstart_unclaimed"
+
+
+def test_an_onstart_rental_whose_job_was_cancelled_before_it_was_made_is_abandoned() -> None:
+    (abandon,) = run({"sdxl": pool(0, 2)}, [onstart(1, "requested", "cancelled")])
+    assert isinstance(abandon, Abandon) and "cancelled" in abandon.message
+    assert run({"sdxl": pool(0, 2)}, [onstart(1, "requested", "queued")]) == []
+
+
+def test_a_failed_onstart_instance_is_replaced_as_any_failure_in_no_slot() -> None:
+    (replace,) = run({"sdxl": pool(0, 2)}, [onstart(1, "downloading", verdict=LOAD_FAILED)])
+    assert isinstance(replace, Replace) and replace.slot is None
 
 
 # ---------------------------------------------------------------- the orphan sweep
@@ -414,6 +541,7 @@ class World:
     adopt: bool
     brakes: Brakes | None
     orphan_destroys: dict[int, float]
+    queued: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def plan(self) -> list[Action]:
         return plan(
@@ -426,6 +554,7 @@ class World:
             brakes=self.brakes,
             adopt=self.adopt,
             orphan_destroys=self.orphan_destroys,
+            queued=self.queued,
         )
 
 
@@ -443,6 +572,8 @@ POLICIES = st.builds(
     st.none() | st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0]),
     st.sampled_from([0.0, 300.0, 900.0]),
 )
+# An OnStart row's job state (None: a pool row), the pool rows far more often.
+ONSTART = st.sampled_from([None] * 8 + ["queued", "running", "succeeded", "failed"])
 # One row: state, age, $/h, verdict, idle for, running jobs, listed, a duplicate contract.
 ROWS = st.tuples(
     # Every live state, the common ones more often.
@@ -471,17 +602,22 @@ def worlds(draw: st.DrawFn, with_brakes: bool = True) -> World:
     for name in [*names, "retired"]:
         for slot in sorted(draw(st.sets(st.integers(0, 5), max_size=4))):
             state, age, dph, verdict, idle, jobs, is_listed, duplicate = draw(ROWS)
+            job_state = draw(ONSTART)
+            instance_id = next(ids)
             r = ObservedInstance(
-                id=next(ids),
+                id=instance_id,
                 profile=name,
-                slot=slot,
+                # An OnStart instance holds no slot.
+                slot=slot if job_state is None else None,
                 state=state,
                 state_since=NOW - age,
                 dph_total=dph,
                 contract_id=None if state == "requested" else next(contract_ids),
                 verdict=OK if state == "requested" else verdict,
                 idle_since=NOW - idle,
-                running_jobs=jobs if state == "draining" else 0,
+                running_jobs=1 if state == "busy" else jobs if state == "draining" else 0,
+                onstart_job=None if job_state is None else f"job-{instance_id}",
+                onstart_job_state=job_state,
             )
             rows.append(r)
             label = make_label(FLEET, r.id)
@@ -510,6 +646,7 @@ def worlds(draw: st.DrawFn, with_brakes: bool = True) -> World:
         contracts.append(ProviderContract(next(contract_ids), f"cf-other-{next(ids)}", 1.0, "a"))
     rental_dph = {n: draw(PRICES) for n in names if draw(st.booleans())}
     brakes = draw(BRAKES) if with_brakes else None
+    queued = {n: draw(st.sampled_from([0, 0, 1, 3, 9])) for n in [*names, "retired"]}
     return World(
         desired,
         tuple(rows),
@@ -518,6 +655,7 @@ def worlds(draw: st.DrawFn, with_brakes: bool = True) -> World:
         draw(st.booleans()),
         brakes,
         orphan_destroys,
+        queued,
     )
 
 
@@ -559,6 +697,11 @@ def take(world: World, actions: Sequence[Action]) -> World:
                 verdict=OK,
                 contract_id=action.contract_id,
             )
+        elif isinstance(action, Drain):
+            old = rows[action.instance_id]
+            rows[old.id] = dataclasses.replace(
+                old, state="draining", state_since=NOW, running_jobs=max(1, old.running_jobs)
+            )
         elif isinstance(action, Abandon):
             rows[action.instance_id] = dataclasses.replace(
                 rows[action.instance_id], state="destroyed"
@@ -579,6 +722,7 @@ def toward_ready(world: World, profile: str) -> int:
         1
         for r in world.rows
         if r.profile == profile
+        and r.onstart_job is None
         and r.state in PRE_READY_OR_READY
         and (r.state == "requested" or r.verdict.ok)
     )
@@ -640,10 +784,13 @@ def test_property_planning_again_after_the_actions_finds_nothing_new_to_do(world
 
 @PROPERTY
 @given(worlds(with_brakes=False))
-def test_property_min_ready_is_reached_whenever_the_caps_allow(world: World) -> None:
+def test_property_min_ready_and_the_queue_are_served_whenever_the_caps_allow(
+    world: World,
+) -> None:
     after = take(world, world.plan())
     for name, policy in world.desired.items():
-        if toward_ready(after, name) >= policy.min_ready:
+        # Busy instances run one job each here: every waiting job wants an instance.
+        if toward_ready(after, name) >= max(policy.min_ready, world.queued.get(name, 0)):
             continue
         count, spend = totals(after, name)
         cap = policy.max_hourly_spend
@@ -673,6 +820,16 @@ def test_property_only_failed_instances_and_this_fleets_contracts_are_touched(
         if isinstance(action, Replace):
             r = rows[action.instance_id]
             assert r.verdict.failed and r.state not in TERMINAL
+        if isinstance(action, ScaleDown | Destroy) and action.instance_id in rows:
+            r = rows[action.instance_id]
+            if r.onstart_job is not None:
+                # Only its job's end (or its agent's silence about it) ends an OnStart one.
+                assert isinstance(action, Destroy) and action.reason.startswith("onstart_")
+            else:
+                # Nothing destroyed holds a job: busy ones are drained first.
+                assert r.state != "busy" and not (r.state == "draining" and r.running_jobs)
+        if isinstance(action, ScaleDown):
+            assert world.queued.get(action.profile, 0) == 0
         if isinstance(action, DestroyOrphan | Adopt):
             assert action.contract_id in ours
         if isinstance(action, Rent):

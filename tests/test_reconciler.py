@@ -42,8 +42,9 @@ from comfyfleet.api.control import PoolActionRefused, PoolControl, UnknownProfil
 from comfyfleet.api.metrics import PoolMetrics
 from comfyfleet.clock import ManualClock
 from comfyfleet.errors import ConfigError, LeaseLost, ProviderUnavailable, UnknownInstance
+from comfyfleet.lifecycle import JobState
 from comfyfleet.market import rank_for
-from comfyfleet.pool.planner import Adopt, DestroyOrphan, Rent, Replace
+from comfyfleet.pool.planner import Adopt, Destroy, DestroyOrphan, Drain, Rent, Replace, ScaleDown
 from comfyfleet.pool.reconciler import PassReport, RaisedAlert, Reconciler, ReconcilerSettings
 from comfyfleet.pool.runner import ReconcilerLoop
 from comfyfleet.profiles import PoolPolicy, Profile
@@ -62,6 +63,15 @@ from comfyfleet.store import (
     transition,
     verify_token,
 )
+from comfyfleet.store.jobs import (
+    complete_job,
+    get_job,
+    job_trail,
+    place_job,
+    request_cancel,
+    submit_job,
+)
+from comfyfleet.store.models import JobRow
 
 S = InstanceState
 FLEET = "t1"
@@ -81,9 +91,9 @@ def clock() -> ManualClock:
     return ManualClock(start=T0)
 
 
-@pytest.fixture
-def sim(clock: ManualClock) -> Iterator[RunningSim]:
-    config = SimConfig(
+def sim_config() -> SimConfig:
+    """The simulator's boot with no jitter (``RUNNING_AFTER``), hosts that vanish at 120 s."""
+    return SimConfig(
         seed=5,
         offers=300,
         api_key=API_KEY,
@@ -94,7 +104,11 @@ def sim(clock: ManualClock) -> Iterator[RunningSim]:
         vanish_after_s=120.0,
         gone_after_s=600.0,
     )
-    with RunningSim(config, clock=clock) as running:
+
+
+@pytest.fixture
+def sim(clock: ManualClock) -> Iterator[RunningSim]:
+    with RunningSim(sim_config(), clock=clock) as running:
         yield running
 
 
@@ -758,6 +772,228 @@ async def test_reprovision_and_terminate_destroy_without_blocklisting_and_the_po
         await tick(rec)
         assert [r.state for r in rows(store)][:2] == [S.DESTROYED, S.DESTROYED]
         assert len(live(store)) == 1  # below min_ready: refilled
+
+
+# ------------------------------------------------------------------ jobs
+# Jobs are written as the API and the dispatcher would (submit, place, finish): the
+# agent does not run here.
+
+
+def submit_as_the_api_would(
+    store: Store, clock: ManualClock, count: int = 1, **options: Any
+) -> list[str]:
+    with store.transaction() as session:
+        return [
+            submit_job(
+                session, profile="sdxl", request={"workflow": {}}, now=clock.now(), **options
+            ).id
+            for _ in range(count)
+        ]
+
+
+def place_as_the_dispatcher_would(
+    store: Store, clock: ManualClock, job_id: str, instance_id: int, **options: Any
+) -> str:
+    with store.transaction() as session:
+        return place_job(session, job_id, instance_id, clock.now(), **options)
+
+
+def job_row(store: Store, job_id: str) -> JobRow:
+    with store.transaction() as session:
+        return get_job(session, job_id)
+
+
+async def ready_instance(rec: Reconciler, store: Store, clock: ManualClock) -> InstanceRow:
+    """One rental of the pool, rented and reported ready as the API would."""
+    await tick(rec)
+    (row,) = live(store)
+    clock.advance(RUNNING_AFTER + 1)
+    await tick(rec)
+    register_and_report_ready_as_the_api_would(store, clock, row.id)
+    return live(store)[0]
+
+
+async def test_each_pass_requeues_jobs_whose_lease_ran_out_and_fails_those_past_their_timeout(
+    store: Store, sim: RunningSim, clock: ManualClock
+) -> None:
+    async with reconciler(
+        store, sim, clock, {"sdxl": profile(min_ready=1, max_instances=1)}
+    ) as rec:
+        row = await ready_instance(rec, store, clock)
+        (slow,) = submit_as_the_api_would(store, clock, timeout_s=30)
+        (silent,) = submit_as_the_api_would(store, clock)
+        for job_id in (slow, silent):
+            place_as_the_dispatcher_would(store, clock, job_id, row.id, max_jobs_per_instance=2)
+        assert live(store)[0].state is S.BUSY
+
+        clock.advance(31)
+        heartbeat_as_the_api_would(store, clock, row.id)
+        report = await tick(rec)
+        assert report.ended_jobs == (slow,) and report.requeued_jobs == ()
+        failed = job_row(store, slow)
+        assert failed.state is JobState.FAILED
+        assert failed.error == "timed out: it ran past its timeout of 30 s"
+        assert live(store)[0].state is S.BUSY  # the silent one still holds it
+
+        clock.advance(30)  # 61 s since the placement: the silent one's lease ran out
+        heartbeat_as_the_api_would(store, clock, row.id)
+        report = await tick(rec)
+        assert report.requeued_jobs == (silent,) and report.ended_jobs == ()
+        again = job_row(store, silent)
+        assert (again.state, again.attempts, again.instance_id) == (JobState.QUEUED, 1, None)
+        assert live(store)[0].state is S.READY
+        # The waiting job counts in the queue; the idle instance covers it: nothing rented.
+        assert report.queued == {"sdxl": 1}
+        assert not any(isinstance(a, Rent) for a in report.actions)
+        assert len(contracts(sim, clock)) == 1
+
+
+async def test_queued_jobs_rent_beyond_min_ready_and_idle_instances_stay_while_jobs_wait(
+    store: Store, sim: RunningSim, clock: ManualClock
+) -> None:
+    fleet = {"sdxl": profile(min_ready=0, max_instances=3, idle_ttl_seconds=300)}
+    async with reconciler(store, sim, clock, fleet) as rec:
+        assert (await tick(rec)).rented == ()
+        jobs = submit_as_the_api_would(store, clock, 2)
+        report = await tick(rec)
+        assert report.queued == {"sdxl": 2} and len(report.rented) == 2
+        first, second = live(store)
+        assert trail(store, first.id)[0][2] == (
+            "pool sdxl: renting slot 0 for 2 waiting job(s) (min_ready 0)"
+        )
+        # A job reserved to an instance (OnStart) is not the pool's to rent for.
+        with store.transaction() as session:
+            submit_job(
+                session,
+                profile="sdxl",
+                request={"workflow": {}},
+                now=clock.now(),
+                pinned_instance_id=first.id,
+            )
+        assert (await tick(rec)).queued == {"sdxl": 2}
+
+        clock.advance(RUNNING_AFTER + 1)
+        await tick(rec)
+        register_and_report_ready_as_the_api_would(store, clock, first.id, second.id)
+        clock.advance(301)
+        heartbeat_as_the_api_would(store, clock, first.id, second.id)
+        report = await tick(rec)
+        assert not report.actions  # idle past the TTL, but jobs wait: both stay
+        assert [r.state for r in live(store)] == [S.READY, S.READY]
+
+        with store.transaction() as session:
+            for job_id in jobs:
+                request_cancel(session, job_id, clock.now())
+        heartbeat_as_the_api_would(store, clock, first.id, second.id)
+        report = await tick(rec)
+        assert sorted(a.instance_id for a in report.actions if isinstance(a, ScaleDown)) == [
+            first.id,
+            second.id,
+        ]
+
+
+async def test_an_instance_that_fails_under_a_job_queues_it_again_as_it_goes(
+    store: Store, sim: RunningSim, clock: ManualClock
+) -> None:
+    async with reconciler(
+        store, sim, clock, {"sdxl": profile(min_ready=1, max_instances=1)}
+    ) as rec:
+        row = await ready_instance(rec, store, clock)
+        (job_id,) = submit_as_the_api_would(store, clock)
+        place_as_the_dispatcher_would(store, clock, job_id, row.id)
+        with store.transaction() as session:  # the agent's "failed" stage, as the API keeps it
+            get_instance(session, row.id, lock=True).failure_reason = "comfy_crash_loop"
+        report = await tick(rec)
+        assert [type(a) for a in report.actions] == [Replace]
+        assert report.requeued_jobs == (job_id,)
+        assert live(store)[0].state is S.DESTROYING
+        again = job_row(store, job_id)
+        assert (again.state, again.attempts, again.lease_id) == (JobState.QUEUED, 1, None)
+        with store.transaction() as session:
+            reason = job_trail(session, job_id)[-1].reason
+            moved_at = audit_trail(session, row.id)[-1].at
+            requeued_at = job_trail(session, job_id)[-1].at
+        assert f"its instance {row.id} failed: agent_failed" in reason
+        assert requeued_at == moved_at  # one transaction, one instant
+
+
+async def test_reprovision_drains_a_busy_instance_and_destroys_it_once_its_job_has_ended(
+    store: Store, sim: RunningSim, clock: ManualClock
+) -> None:
+    async with reconciler(
+        store, sim, clock, {"sdxl": profile(min_ready=1, max_instances=2)}
+    ) as rec:
+        row = await ready_instance(rec, store, clock)
+        (job_id,) = submit_as_the_api_would(store, clock)
+        lease = place_as_the_dispatcher_would(store, clock, job_id, row.id)
+
+        assert await rec.reprovision(instance_id=row.id, actor="admin") == [row.id]
+        assert live(store)[0].state is S.DRAINING
+        assert trail(store, row.id)[-1][1:] == ("draining", "reprovision requested by admin")
+        assert job_row(store, job_id).state is JobState.PLACED  # its job runs on
+        assert await rec.reprovision(instance_id=row.id, actor="admin") == [row.id]
+
+        # Draining, it counts towards no min_ready: a fresh one is rented beside it.
+        heartbeat_as_the_api_would(store, clock, row.id)
+        report = await tick(rec)
+        assert [type(a) for a in report.actions] == [Rent]
+        assert live(store)[0].state is S.DRAINING
+
+        with store.transaction() as session:
+            complete_job(session, job_id, lease, {"outputs": []}, clock.now())
+        assert live(store)[0].state is S.DRAINING  # it stays draining: no new job
+        report = await tick(rec)
+        assert [(a.instance_id, a.reason) for a in report.actions if isinstance(a, Destroy)] == [
+            (row.id, "drained")
+        ]
+        assert job_row(store, job_id).state is JobState.SUCCEEDED
+
+
+async def test_a_busy_instance_of_a_profile_that_left_the_fleet_is_drained_then_destroyed(
+    store: Store, sim: RunningSim, clock: ManualClock
+) -> None:
+    async with reconciler(
+        store, sim, clock, {"sdxl": profile(min_ready=1, max_instances=1)}
+    ) as rec:
+        row = await ready_instance(rec, store, clock)
+        (job_id,) = submit_as_the_api_would(store, clock, timeout_s=60)
+        place_as_the_dispatcher_would(store, clock, job_id, row.id)
+        rec.profiles = {}
+        report = await tick(rec)
+        assert [(type(a), getattr(a, "reason", None)) for a in report.actions] == [
+            (Drain, "profile_removed")
+        ]
+        assert live(store)[0].state is S.DRAINING
+        assert not (await tick(rec)).actions
+
+        clock.advance(61)  # its job times out: the sweep ends it, the pass destroys it
+        heartbeat_as_the_api_would(store, clock, row.id)
+        report = await tick(rec)
+        assert report.ended_jobs == (job_id,)
+        assert [(type(a), getattr(a, "reason", None)) for a in report.actions] == [
+            (Destroy, "drained")
+        ]
+
+
+async def test_an_admin_terminate_of_a_busy_instance_is_at_once_and_queues_its_job_again(
+    store: Store, sim: RunningSim, clock: ManualClock
+) -> None:
+    async with reconciler(
+        store, sim, clock, {"sdxl": profile(min_ready=1, max_instances=1)}
+    ) as rec:
+        row = await ready_instance(rec, store, clock)
+        (job_id,) = submit_as_the_api_would(store, clock)
+        place_as_the_dispatcher_would(store, clock, job_id, row.id)
+        await rec.terminate(row.id, reason="operator: wrong GPU", actor="admin")
+        assert live(store)[0].state is S.DESTROYING
+        assert contracts(sim, clock) == []
+        again = job_row(store, job_id)
+        assert (again.state, again.attempts) == (JobState.QUEUED, 1)
+        with store.transaction() as session:
+            assert (
+                f"its instance {row.id} was destroyed: operator: wrong GPU"
+                in job_trail(session, job_id)[-1].reason
+            )
 
 
 # ------------------------------------------------------------------ the instance's bootstrap

@@ -86,10 +86,19 @@ class _Strict(BaseModel):
 
 
 class PoolPolicy(_Strict):
-    """How many instances of a profile the pool keeps (used by the pool, a later issue)."""
+    """How many instances of a profile the pool keeps (``comfyfleet.pool.planner``).
+
+    The pool keeps ``min_ready`` instances ready or on their way, more while jobs wait
+    in the profile's queue (one per waiting job the busy instances cannot take), never
+    more than ``max_instances`` nor ``max_hourly_spend``; an idle instance above
+    ``min_ready`` goes after ``idle_ttl_seconds``, never while jobs wait. OnStart
+    instances count towards the caps only.
+    """
 
     min_ready: int = Field(default=0, ge=0, description="Instances kept ready at all times.")
-    max_instances: int = Field(default=1, ge=0, description="Never more instances than this.")
+    max_instances: int = Field(
+        default=1, ge=0, description="Never more instances than this, for queued jobs too."
+    )
     max_hourly_spend: float | None = Field(
         default=None, ge=0, allow_inf_nan=False, description="Cap on the sum of $/h; None: none."
     )

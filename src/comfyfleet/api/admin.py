@@ -1,26 +1,45 @@
-"""The admin API: the pool's status, prewarm, reprovision, terminate, and an instance's events.
+"""The admin API: the pool's status, prewarm, reprovision, terminate, OnStart rentals, and
+an instance's events and provision log.
 
 Every route needs the admin key (``api/auth.py``). The actions go to the
 ``PoolControl`` the app was made with (``api/control.py``); without one they
 answer 503. The views never show a secret: the store holds none in clear, and the
 reasons and messages in it are scrubbed when written.
+
+An OnStart rental (``POST /api/admin/pool/onstart``) takes its job as ``POST /api/jobs``
+takes one in JSON, and checks and parameterizes it with the jobs API's own code
+(``api/jobs.py``), so that it runs as a submitted job would; the pool then records the
+instance and the job together (``PoolControl.rent_for_job``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from comfyfleet.api.auth import check_admin_key
 from comfyfleet.api.context import ApiContext, context
-from comfyfleet.api.control import PoolActionError, PoolControl
+from comfyfleet.api.control import OnStartJob, PoolActionError, PoolControl
+from comfyfleet.api.jobs import (
+    MAX_INPUTS,
+    SubmitParams,
+    _decode_base64,
+    _input_name,
+    _prepare,
+    _Submission,
+)
 from comfyfleet.api.models import (
     EventsPage,
     InstanceView,
+    OnStartAnswer,
+    OnStartJobBody,
+    OnStartRequest,
     PoolView,
     PrewarmRequest,
     ReprovisionRequest,
@@ -28,8 +47,10 @@ from comfyfleet.api.models import (
 )
 from comfyfleet.errors import UnknownInstance
 from comfyfleet.lifecycle import LIVE_STATES, TERMINAL_STATES, InstanceState
+from comfyfleet.outputs import OutputTooLarge
 from comfyfleet.store.instances import get_instance, live_instances
 from comfyfleet.store.models import InstanceRow
+from comfyfleet.workflow import WorkflowError
 
 __all__ = ["ADMIN_ACTOR", "instance_view", "router"]
 
@@ -153,6 +174,54 @@ async def reprovision(body: ReprovisionRequest, ctx: Ctx) -> dict[str, Any]:
     return {"instance_ids": ids}
 
 
+@router.post("/admin/pool/onstart", status_code=status.HTTP_201_CREATED)
+async def onstart(body: OnStartRequest, ctx: Ctx) -> OnStartAnswer:
+    """Rent one instance of ``profile`` for ``job`` (OnStart): the job is reserved to it,
+    and the pool destroys it once the job has ended. Follow the instance
+    (``/api/instances/{id}/events``), then the job (``/api/jobs/{id}``)."""
+    pool = _pool(ctx)
+    request = await _onstart_request(body.job, ctx)
+    try:
+        rental = await pool.rent_for_job(
+            body.profile, OnStartJob(request, timeout_s=body.job.timeout_s), actor=ADMIN_ACTOR
+        )
+    except PoolActionError as error:
+        raise _refused(error) from None
+    return OnStartAnswer(profile=body.profile, instance_id=rental.instance_id, job_id=rental.job_id)
+
+
+async def _onstart_request(job: OnStartJobBody, ctx: ApiContext) -> dict[str, Any]:
+    """The job's request as ``POST /api/jobs`` makes it: inputs stored, then the workflow
+    checked and its parameters applied by the jobs API's own code (422 with the reason)."""
+    params = SubmitParams(
+        prompt=job.prompt,
+        images=None if job.images is None else [image.model_dump() for image in job.images],
+        overrides=job.overrides,
+        randomize_seeds=job.randomize_seeds,
+        timeout_s=job.timeout_s,
+        max_attempts=1,
+    )
+    submission = _Submission(workflow=job.workflow, params=params)
+    if len(job.inputs) > MAX_INPUTS:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"a job takes at most {MAX_INPUTS} inputs"
+        )
+    for given, text in job.inputs.items():
+        name = _input_name(given)
+        data = _decode_base64(given, text)
+        try:
+            blob = await ctx.outputs.put_stream(
+                io.BytesIO(data), max_bytes=ctx.settings.max_output_bytes
+            )
+        except OutputTooLarge as error:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=str(error)) from None
+        submission.add_input(name, blob.sha256, blob.size)
+    try:
+        return await asyncio.to_thread(_prepare, submission)
+    except WorkflowError as error:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(error)) from None
+
+
 @router.post("/admin/instances/{instance_id}/terminate")
 async def terminate(
     instance_id: int,
@@ -234,6 +303,39 @@ async def instance_events(
         events=[event.as_json() for event in events],
         log_file=None if log_file is None else str(log_file),
     )
+
+
+@router.get(
+    "/instances/{instance_id}/log",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "The provision log."}},
+)
+async def provision_log(instance_id: int, ctx: Ctx) -> Response:
+    """The instance's provision log as text: every stage and log line its agent reported
+    (progress thinned), as kept on the control plane's machine (``log_file`` of the
+    events); 404 until the agent has reported something."""
+    await _state_of(ctx, instance_id)
+    path = await asyncio.to_thread(ctx.logs.existing_path, instance_id)
+    # Read whole, not streamed: the file may grow while it is sent (the agent reports on).
+    content = None if path is None else await asyncio.to_thread(_read_or_none, path)
+    if path is None or content is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"instance {instance_id} has no provision log yet: its agent has reported "
+            "nothing to this control plane",
+        )
+    return Response(
+        content,
+        media_type="text/plain; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{path.name}"'},
+    )
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 _RowState = tuple[InstanceState, str | None]

@@ -1,9 +1,13 @@
 """The user's commands on the control plane: ``up``, ``monitor``, ``pool`` and ``audit``.
 
 ``up`` asks the control plane's pool for instances of a profile and, with ``--wait``,
-follows one to READY as ``monitor`` does: the events the agent reports are read
-with a long-poll (``GET /api/instances/{id}/events?after=N&wait=S``), so a stage
-shows within milliseconds of the agent's report. On a terminal the display is
+follows one to READY as ``monitor`` does. ``up --onstart-job JOB.json`` rents an
+instance for one job instead (an OnStart rental): it follows the instance to READY,
+then the job to its end, and brings the job's outputs and the instance's provision log
+home (``--collect``); the control plane destroys the instance once the job has ended.
+The events the agent reports are read with a long-poll
+(``GET /api/instances/{id}/events?after=N&wait=S``), so a stage shows within
+milliseconds of the agent's report. On a terminal the display is
 live (the stage, a bar per file downloading, bytes/s, ETA, $ so far, log lines
 above it); anywhere else it is plain lines. ``pool`` shows the pool's view;
 ``audit`` reads the audit trail straight from the store.
@@ -17,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol, TypeVar
 
 import typer
@@ -28,6 +33,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from comfyfleet.clikit import console, err_console, friendly, run
+from comfyfleet.errors import ConfigError
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -41,10 +47,13 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_READY",
     "EXIT_TIMEOUT",
+    "ONSTART_KEYS",
+    "OnStartResult",
     "Tally",
     "Verdict",
     "audit",
     "follow",
+    "load_onstart_job",
     "monitor",
     "pool",
     "up",
@@ -545,6 +554,231 @@ def _worst(codes: list[int]) -> int:
     return max(codes, default=EXIT_READY)
 
 
+# ---------------------------------------------------------------- OnStart rentals
+
+#: The keys of JOB.json (``up --onstart-job``): ``POST /api/jobs``'s JSON body, with files
+#: named by path instead of carried in base64.
+ONSTART_KEYS: Final = (
+    "workflow",
+    "inputs",
+    "images",
+    "prompt",
+    "set",
+    "randomize_seeds",
+    "timeout_s",
+)
+
+
+def load_onstart_job(path: Path) -> dict[str, Any]:
+    """JOB.json as the job of an OnStart rental (``POST /api/admin/pool/onstart``).
+
+    ``workflow`` is the API-format workflow, or the path of its JSON file; ``inputs``
+    maps each input's name to the path of its file (or lists the paths: each is named
+    after its file). Paths are relative to JOB.json's folder. The workflow is checked
+    (``workflow.load_api_workflow``) and the inputs read and encoded in base64 here; the
+    control plane checks the parameters before it rents anything. A ``ConfigError`` (or
+    ``WorkflowError``) says what is wrong, naming the file.
+    """
+    import base64
+
+    from comfyfleet.workflow import load_api_workflow
+
+    label = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        why = error.strerror if isinstance(error, OSError) else None
+        raise ConfigError(f"cannot read the job file: {why or error}", source=label) from error
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"the job file is not JSON: {error}", source=label) from None
+    if not isinstance(data, dict):
+        raise ConfigError('expected a JSON object such as {"workflow": "flow.json"}', source=label)
+    unknown = sorted(set(data) - set(ONSTART_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)}; the keys are {', '.join(ONSTART_KEYS)}",
+            source=label,
+        )
+    folder = path.parent
+    given = data.get("workflow")
+    if isinstance(given, str):
+        workflow = load_api_workflow(folder / given)
+    elif isinstance(given, dict):
+        workflow = load_api_workflow(given, name=f"{label}: workflow")
+    else:
+        raise ConfigError(
+            "give the API-format workflow, or the path of its JSON file (relative to the job "
+            "file's folder)",
+            source=label,
+            field="workflow",
+        )
+    inputs = data.get("inputs") or {}
+    if isinstance(inputs, list) and all(isinstance(item, str) for item in inputs):
+        pairs = [(Path(item).name, item) for item in inputs]
+    elif isinstance(inputs, dict) and all(isinstance(item, str) for item in inputs.values()):
+        pairs = list(inputs.items())
+    else:
+        raise ConfigError(
+            'expected {"name.png": "path/to/file.png", ...} or a list of paths',
+            source=label,
+            field="inputs",
+        )
+    encoded: dict[str, str] = {}
+    for name, relative in pairs:
+        if name in encoded:
+            raise ConfigError(
+                f"two inputs are named {name!r} (an input is stored under its name): rename one",
+                source=label,
+                field="inputs",
+            )
+        file = folder / relative
+        try:
+            encoded[name] = base64.b64encode(file.read_bytes()).decode("ascii")
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read {file}: {error.strerror or error}", source=label, field="inputs"
+            ) from error
+    body = {key: value for key, value in data.items() if key not in ("workflow", "inputs")}
+    if isinstance(body.get("set"), str):
+        body["set"] = [body["set"]]
+    body["workflow"] = workflow
+    body["inputs"] = encoded
+    return body
+
+
+@dataclass
+class OnStartResult:
+    """How ``up --onstart-job`` ended: the exit status, the line that says why, the
+    rental, the job as last seen and the files brought home."""
+
+    code: int
+    message: str
+    instance_id: int | None = None
+    job_id: str | None = None
+    view: dict[str, Any] | None = None
+    files: list[dict[str, Any]] = field(default_factory=list)
+    provision_log: str | None = None
+
+    def payload(self, profile: str) -> dict[str, Any]:
+        """The ``--json`` document."""
+        return {
+            "profile": profile,
+            "instance_id": self.instance_id,
+            "job_id": self.job_id,
+            "state": None if self.view is None else self.view.get("state"),
+            "exit_code": self.code,
+            "message": self.message,
+            "job": self.view,
+            "files": self.files,
+            "provision_log": self.provision_log,
+        }
+
+
+async def _onstart(
+    control: ControlClient,
+    profile: str,
+    job: Mapping[str, Any],
+    *,
+    timeout_s: float | None,
+    collect: Path | None,
+    out: Console,
+) -> OnStartResult:
+    """Rent, follow the instance to ready, follow the job to its end, collect."""
+    from comfyfleet.commands.run import display_for as job_display_for
+    from comfyfleet.commands.run import follow_job
+
+    loop = asyncio.get_running_loop()
+    deadline = None if not timeout_s else loop.time() + timeout_s
+    answer = await control.rent_for_job(profile, job)
+    instance_id, job_id = int(answer["instance_id"]), str(answer["job_id"])
+    out.print(
+        f"rented instance {instance_id} of profile {escape(profile)} for OnStart job {job_id}; "
+        "the control plane destroys it once the job has ended",
+        highlight=False,
+        soft_wrap=True,
+    )
+    result = OnStartResult(EXIT_FAILED, "", instance_id, job_id)
+    ready = await _follow_shown(control, instance_id, out, timeout_s=timeout_s)
+    if ready.code == EXIT_TIMEOUT:
+        result.code = EXIT_TIMEOUT
+        result.message = (
+            f"instance {instance_id} is not ready after {_duration(timeout_s or 0)}: gave up "
+            f"following; it runs job {job_id} once ready and is destroyed after it "
+            f"(`comfyfleet monitor {instance_id}`)"
+        )
+        return result
+    # A failed instance fails its job (the pool says so on the job): follow it all the
+    # same, for the reason. An instance already going may simply be done with the job.
+    if ready.code == EXIT_READY or ready.failure_reason:
+        _finish(ready, out)
+    else:
+        out.print(Text(f"{ready.message}; its job says why", style="dim"), soft_wrap=True)
+    remaining = None if deadline is None else max(0.1, deadline - loop.time())
+    display = job_display_for(out, job_id)
+    try:
+        how, view = await follow_job(
+            control, job_id, display, timeout_s=remaining, stop=asyncio.Event()
+        )
+    finally:
+        display.close()
+    result.view = view if view is not None else await control.job(job_id)
+    state = str(result.view.get("state"))
+    if how == "timeout":
+        result.code = EXIT_TIMEOUT
+        result.message = (
+            f"job {job_id} is {state} after {_duration(timeout_s or 0)}: gave up following; "
+            f"instance {instance_id} is destroyed once the job has ended"
+        )
+    elif state == "succeeded":
+        result.code = EXIT_READY
+        result.message = f"job {job_id} succeeded on instance {instance_id}"
+    else:
+        error = str(result.view.get("error") or "").strip() or "no reason given"
+        result.message = f"job {job_id} {state}: {error}"
+    if collect is not None:
+        await _collect(control, result, collect, out)
+    return result
+
+
+async def _collect(
+    control: ControlClient, result: OnStartResult, folder: Path, out: Console
+) -> None:
+    """The job's outputs (verified by sha256) and the instance's provision log, into
+    ``folder``; the log whatever became of the job (it says why a job failed)."""
+    try:
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the folder: {error.strerror or error}", source=str(folder)
+        ) from error
+    view = result.view or {}
+    if view.get("state") == "succeeded":
+        for output in view.get("outputs") or []:
+            name = str(output.get("name") or "")
+            base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+            if base in ("", ".", "..") or "\0" in base:
+                err_console.print(f"[yellow]skipped output {escape(repr(name))}: no file name[/]")
+                continue
+            dest = folder / base
+            size = await control.download_output(
+                str(view["id"]), name, dest, sha256=output.get("sha256")
+            )
+            result.files.append({"name": name, "path": str(dest), "size": size})
+            out.print(f"{escape(str(dest))}  {_size(size)}", highlight=False, soft_wrap=True)
+    if result.instance_id is None:
+        return
+    log = await control.provision_log(result.instance_id)
+    if log is None:
+        out.print(f"[dim]instance {result.instance_id} has no provision log[/]")
+        return
+    dest = folder / f"provision_{result.instance_id}.log"
+    await asyncio.to_thread(dest.write_bytes, log)
+    result.provision_log = str(dest)
+    out.print(f"{escape(str(dest))}  {_size(len(log))}", highlight=False, soft_wrap=True)
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -561,6 +795,35 @@ def up(
     timeout: TimeoutOption = 3600.0,
     server: ServerOption = None,
     as_json: JsonOption = False,
+    onstart_job: Annotated[
+        Path | None,
+        typer.Option(
+            "--onstart-job",
+            metavar="JOB.json",
+            help="Rent the instance for this one job (see OnStart above) and follow it to "
+            "the job's end.",
+            show_default=False,
+        ),
+    ] = None,
+    collect: Annotated[
+        Path | None,
+        typer.Option(
+            "--collect",
+            metavar="DIR",
+            help="With --onstart-job: download the job's outputs and the instance's "
+            "provision log into DIR (made if missing).",
+            show_default=False,
+        ),
+    ] = None,
+    destroy_after: Annotated[
+        bool,
+        typer.Option(
+            "--destroy-after",
+            help="With --onstart-job: destroy the instance once its job has ended. Always "
+            "so: the control plane does it, whether this command still runs or not; the "
+            "flag only says it.",
+        ),
+    ] = False,
 ) -> None:
     """Ask the control plane's pool for an instance of PROFILE, and print its id.
 
@@ -570,19 +833,64 @@ def up(
     several instances (--count) are followed side by side in plain lines. With
     --json, stdout holds one JSON document and the progress goes to stderr.
 
+    OnStart (--onstart-job JOB.json): rent one instance for one job. The job is
+    reserved to it (no warm instance takes it, and it takes no other job), it
+    runs once ComfyUI is ready, and the control plane destroys the instance once
+    the job has ended (succeeded, failed, cancelled or timed out), whether this
+    command is still there or not: --destroy-after says so, and there is no way
+    to keep it. The command follows the instance to ready, then the job to its
+    end, and with --collect DIR downloads the job's outputs (checked by sha256)
+    and the instance's provision log (provision_ID.log) into DIR. JOB.json is
+    the JSON body of POST /api/jobs with files by path, paths relative to
+    JOB.json's folder:
+
+      {"workflow": "flow_api.json",           the API-format workflow, or its JSON
+       "inputs": {"in.png": "photos/a.png"},  name -> file (or a list of files,
+                                              each named after its file)
+       "images": [{"node": "12", "name": "in.png"}],  the LoadImage of each input
+                                              (one input: the only LoadImage)
+       "prompt": "a red fox",  "set": ["3.steps=30"],
+       "randomize_seeds": true, "timeout_s": 900}
+
+    Only "workflow" is required. The job has one attempt and the profile's
+    caps count the instance; it holds no pool slot and counts towards no
+    min_ready. --timeout bounds the whole follow, instance and job; giving up
+    (or Ctrl-C) leaves the job to run and the instance to be destroyed after it.
+
     The control plane is --server, else $COMFYFLEET_SERVER, else
     http://127.0.0.1:8700 (`comfyfleet serve`); the admin key comes from
     $ADMIN_API_KEY and is sent in the x-admin-key header, never printed.
 
-    Exit status: 0 ready (or, without --wait, requested); 1 the instance failed,
-    or is being (or was) destroyed; 2 a configuration mistake (ADMIN_API_KEY
-    missing or refused); 3 the control plane is unreachable or refused the
-    request (an unknown profile, a cap, no pool); 124 --timeout passed first;
-    130 interrupted.
+    Exit status: 0 ready (or, without --wait, requested; with --onstart-job,
+    the job succeeded); 1 the instance failed, or is being (or was) destroyed
+    (with --onstart-job: the job failed or was cancelled); 2 a configuration
+    mistake (ADMIN_API_KEY missing or refused, a bad JOB.json); 3 the control
+    plane is unreachable or refused the request (an unknown profile, a cap, no
+    pool, a workflow it refuses); 124 --timeout passed first; 130 interrupted.
     """
     from comfyfleet.control_client import ControlClient
 
     out = err_console if as_json else console
+    if onstart_job is None:
+        if collect is not None or destroy_after:
+            raise ConfigError("--collect and --destroy-after go with --onstart-job JOB.json")
+    else:
+        if count != 1:
+            raise ConfigError(
+                "--onstart-job rents one instance for its job: leave --count out",
+                source="--count",
+            )
+        onstart_result = _up_onstart(
+            profile, onstart_job, timeout_s=timeout, collect=collect, server=server, out=out
+        )
+        if as_json:
+            console.print_json(data=onstart_result.payload(profile))
+        else:
+            style = "bold green" if onstart_result.code == EXIT_READY else "bold red"
+            console.print(Text(onstart_result.message, style=style), soft_wrap=True)
+        if onstart_result.code:
+            raise typer.Exit(onstart_result.code)
+        return
 
     async def go() -> tuple[list[int], list[Verdict], list[dict[str, Any]]]:
         async with ControlClient.from_env(server) as control:
@@ -646,6 +954,32 @@ def up(
                 console.print(f"  #{view['id']} {line}", highlight=False, soft_wrap=True)
     if code:
         raise typer.Exit(code)
+
+
+def _up_onstart(
+    profile: str,
+    job_file: Path,
+    *,
+    timeout_s: float,
+    collect: Path | None,
+    server: str | None,
+    out: Console,
+) -> OnStartResult:
+    from comfyfleet.control_client import ADMIN_KEY_ENV, ControlClient, server_url
+    from comfyfleet.envvars import env_value
+
+    job = load_onstart_job(job_file)
+
+    async def go() -> OnStartResult:
+        # The admin key on every call: the job is the admin's (a user key would not see it).
+        async with ControlClient(
+            server_url(server), admin_key=env_value(None, ADMIN_KEY_ENV)
+        ) as control:
+            return await _onstart(
+                control, profile, job, timeout_s=timeout_s, collect=collect, out=out
+            )
+
+    return _run_control(go())
 
 
 @friendly

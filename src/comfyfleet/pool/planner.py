@@ -23,6 +23,18 @@ What it guarantees, pass after pass:
   ``min_ready`` (``busy`` and ``draining`` ones do not); the planner rents to reach
   it, and destroys ``ready`` instances idle for longer than ``idle_ttl_seconds``
   down to it.
+* **Queue depth.** Jobs waiting for a profile (``queued``: those reserved to no
+  instance) want instances too: the pool keeps ``max(min_ready, jobs not covered by
+  the spare capacity of busy instances)`` on their way to ready or ready, within the
+  caps, and scales none of its idle instances down while jobs of its profile wait.
+* **Busy instances finish their jobs.** Nothing the planner destroys holds a job: a
+  busy instance over a cap, or of a profile that left the fleet, is ``Drain``-ed (it
+  takes no new job) and destroyed once its last job has ended (``drained``).
+* **OnStart instances** (rented for one job, ``onstart_job``) hold no slot, count
+  towards the caps but never towards ``min_ready``, are never scaled down or cut,
+  and are destroyed once their job has ended (``onstart_done``, ``onstart_failed``),
+  or when ready for ``onstart_claim_seconds`` without their agent taking it
+  (``onstart_unclaimed``).
 * **Nothing bills without a record.** A contract labelled ``cf-<fleet id>-<instance
   id>`` that the store does not know is destroyed, or adopted with ``adopt=True``
   (within the caps; the rest are destroyed). A ``requested`` row whose label shows
@@ -57,6 +69,7 @@ __all__ = [
     "Alert",
     "Destroy",
     "DestroyOrphan",
+    "Drain",
     "ObservedInstance",
     "PlannerSettings",
     "PoolPolicyLike",
@@ -78,6 +91,8 @@ TERMINAL: Final = TERMINAL_STATES
 # Instances that can be destroyed to get back under a cap: not busy, not on their way
 # out (``requested`` and the boot stages through ``ready``).
 _CUTTABLE: Final = frozenset({InstanceState.REQUESTED, *BOOT_STAGES})
+# An OnStart job in one of these has ended: its instance has nothing left to do.
+_JOB_ENDED: Final = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class PoolPolicyLike(Protocol):
@@ -106,8 +121,10 @@ class ObservedInstance:
     known. ``verdict``: the failure policy's verdict
     (``comfyfleet.pool.policy.assess``); ignored for a ``requested`` row.
     ``idle_since``: when a ``ready`` instance last became idle (default: when it
-    entered ``ready``). ``running_jobs``: jobs still running on it. Terminal rows
+    entered ``ready``). ``running_jobs``: jobs placed or running on it. Terminal rows
     (``destroyed``, ``failed``) may be included: only their labels matter.
+    ``onstart_job``: the job an OnStart instance was rented for (None: a pool
+    instance), and ``onstart_job_state`` that job's state (None: no such job).
     """
 
     id: int
@@ -121,6 +138,8 @@ class ObservedInstance:
     verdict: Verdict = OK
     idle_since: float | None = None
     running_jobs: int = 0
+    onstart_job: str | None = None
+    onstart_job_state: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +162,9 @@ class PlannerSettings:
     destroy_alert_seconds: float = 600.0
     # A ``requested`` row whose contract has not shown up by then never reached the provider.
     requested_grace_seconds: float = 300.0
+    # An OnStart instance ready this long with its job still queued: its agent will not
+    # take it (the agent asks once, at ready), and the instance would bill for nothing.
+    onstart_claim_seconds: float = 600.0
 
 
 DEFAULT_PLANNER_SETTINGS: Final = PlannerSettings()
@@ -206,10 +228,26 @@ class ScaleDown:
 @dataclass(frozen=True, slots=True)
 class Destroy:
     """Destroy a healthy instance that is not wanted: ``reason`` is ``profile_removed``,
-    ``drained``, ``over_max_instances`` or ``over_spend_cap``."""
+    ``drained``, ``over_max_instances``, ``over_spend_cap``, or, for an OnStart instance,
+    ``onstart_done`` (its job succeeded), ``onstart_failed`` (it failed or was
+    cancelled) or ``onstart_unclaimed`` (its agent never took it). None blocklists the
+    machine."""
 
     instance_id: int
     contract_id: int | None
+    profile: str
+    slot: int | None
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """A busy instance that is not wanted (``reason``: ``over_max_instances``,
+    ``over_spend_cap``, ``profile_removed``): ``draining`` now, so that it takes no new
+    job; destroyed (``drained``) once its last job has ended or timed out."""
+
+    instance_id: int
     profile: str
     slot: int | None
     reason: str
@@ -250,7 +288,9 @@ class Alert:
     profile: str | None = None
 
 
-Action: TypeAlias = Rent | Adopt | Replace | ScaleDown | Destroy | DestroyOrphan | Abandon | Alert
+Action: TypeAlias = (
+    Rent | Adopt | Replace | ScaleDown | Destroy | Drain | DestroyOrphan | Abandon | Alert
+)
 
 
 def changes_state(action: Action) -> bool:
@@ -273,6 +313,8 @@ def plan(
     adopt: bool = False,
     orphan_destroys: Mapping[int, float] | None = None,
     settings: PlannerSettings = DEFAULT_PLANNER_SETTINGS,
+    queued: Mapping[str, int] | None = None,
+    jobs_per_instance: int = 1,
 ) -> list[Action]:
     """The actions that bring the pools of ``desired`` (profile name -> pool policy) in
     line with ``observed`` (the store's rows; ``destroyed`` ones may be included) and
@@ -284,10 +326,14 @@ def plan(
     ``comfyfleet.pool.policy.fleet_brakes``; while they stop renting, no ``Rent`` is
     planned and an ``Alert`` says why. ``adopt``: adopt orphans instead of destroying
     them. ``orphan_destroys``: contract id -> when its ``DestroyOrphan`` was taken,
-    for those the provider still lists.
+    for those the provider still lists. ``queued``: per profile, the jobs waiting in
+    the queue that no instance is reserved for (OnStart jobs left out: their instance is
+    rented for them). ``jobs_per_instance``: how many jobs one instance runs at once.
 
-    Destroys come first in the list, then adoptions, rents and alerts.
+    Destroys (and drains) come first in the list, then adoptions, rents and alerts.
     """
+    if jobs_per_instance < 1:
+        raise ValueError(f"expected jobs_per_instance >= 1, got {jobs_per_instance}")
     planner = _Planner(
         desired=desired,
         now=now,
@@ -297,6 +343,8 @@ def plan(
         adopt=adopt,
         orphan_destroys=orphan_destroys or {},
         settings=settings,
+        queued=queued or {},
+        jobs_per_instance=jobs_per_instance,
     )
     return planner.run(observed, contracts)
 
@@ -312,8 +360,12 @@ class _Pool:
     live_spend: float = 0.0
     toward_ready: int = 0  # counts towards min_ready
     ready: int = 0
+    # Jobs the busy instances that stay can still take (with several jobs per instance).
+    spare: int = 0
     # Healthy instances a cut may destroy, with their contract id.
     cuttable: list[tuple[ObservedInstance, int]] = field(default_factory=list)
+    # Busy instances a cut drains instead (their jobs run to the end).
+    drainable: list[ObservedInstance] = field(default_factory=list)
     idle: list[tuple[float, ObservedInstance, int | None]] = field(default_factory=list)
     # Rows whose contract showed up in the listing: adopted unless a cut destroys them.
     claimed: list[tuple[ObservedInstance, int]] = field(default_factory=list)
@@ -362,6 +414,8 @@ class _Planner:
     adopt: bool
     orphan_destroys: Mapping[int, float]
     settings: PlannerSettings
+    queued: Mapping[str, int]
+    jobs_per_instance: int
     destroys: list[Action] = field(default_factory=list)
     adopts: list[Action] = field(default_factory=list)
     rents: list[Action] = field(default_factory=list)
@@ -467,7 +521,7 @@ class _Planner:
         if policy is None:
             return
         gone = self.cut_to_caps(policy, pool)
-        gone |= self.scale_down(policy, pool, gone)
+        gone |= self.scale_down(name, policy, pool, gone)
         for row, contract_id in pool.claimed:
             if row.id not in gone:
                 self.adopts.append(
@@ -487,6 +541,7 @@ class _Planner:
             if claim is not None:
                 contract_id = claim.id
 
+        onstart = row.onstart_job is not None
         if state == "requested" and contract_id is None:
             waited = self.now - row.state_since
             if waited > self.settings.requested_grace_seconds:
@@ -500,9 +555,16 @@ class _Planner:
                     )
                 )
                 return
+            if onstart and _onstart_ended(row):
+                # Its job ended (cancelled) before anything was rented: rent nothing.
+                self.destroys.append(
+                    Abandon(row.id, name, row.slot, f"{_onstart_what(row)} before it was rented")
+                )
+                return
             pool.hold(row)
             pool.keep(row.dph_total)
-            pool.toward_ready += 1
+            if not onstart:
+                pool.toward_ready += 1
             return
 
         pool.hold(row)
@@ -542,22 +604,50 @@ class _Planner:
             )
             return
 
-        busy = state == "busy" or (state == "draining" and row.running_jobs > 0)
-        if state == "draining" and not busy:
-            self.destroys.append(
-                _destroy(row, contract_id, "drained", "its last job finished while draining")
-            )
+        if onstart:
+            end = self.onstart_end(row, contract_id)
+            if end is not None:
+                self.destroys.append(end)
+                return
+            # Its job is still to run: it stays, counted in the caps, and is never given
+            # to min_ready, the idle scale-down or a cut (its job would be lost).
+            pool.keep(row.dph_total)
+            if claim is not None:
+                pool.claimed.append((row, claim.id))
             return
-        if policy is None and not busy:
-            self.destroys.append(
-                _destroy(row, contract_id, "profile_removed", f"profile {name} left the fleet")
-            )
+
+        busy = state == "busy" or (state == "draining" and row.running_jobs > 0)
+        if state == "draining":
+            if not busy:
+                self.destroys.append(
+                    _destroy(row, contract_id, "drained", "its last job finished while draining")
+                )
+            # On its way out: counted in the caps until destroyed, not among those that stay.
+            return
+        if policy is None:
+            if busy:
+                self.destroys.append(
+                    Drain(
+                        row.id,
+                        name,
+                        row.slot,
+                        "profile_removed",
+                        f"profile {name} left the fleet; it finishes its jobs first",
+                    )
+                )
+            else:
+                self.destroys.append(
+                    _destroy(row, contract_id, "profile_removed", f"profile {name} left the fleet")
+                )
             return
 
         pool.keep(row.dph_total)
         if claim is not None:
             pool.claimed.append((row, claim.id))
-        if failure is not None or busy or policy is None:
+        if busy and failure is None:
+            pool.drainable.append(row)
+            pool.spare += max(0, self.jobs_per_instance - row.running_jobs)
+        if failure is not None or busy:
             return  # counted in the caps, not towards min_ready
         pool.toward_ready += 1
         if state == "ready":
@@ -570,7 +660,8 @@ class _Planner:
 
     def cut_to_caps(self, policy: PoolPolicyLike, pool: _Pool) -> set[int]:
         """Destroy healthy instances while those that stay exceed a cap (the caps were
-        lowered, or prices rose): the least advanced first, then the highest slot."""
+        lowered, or prices rose): the least advanced first, then the highest slot; then
+        drain busy ones, the highest slot first (their jobs run to the end)."""
         cut: set[int] = set()
         if pool.over(policy) is None:
             return cut
@@ -579,13 +670,8 @@ class _Planner:
             reason = pool.over(policy)
             if reason is None:
                 break
-            limit = (
-                f"max_instances ({policy.max_instances})"
-                if reason == "over_max_instances"
-                else f"max_hourly_spend (${policy.max_hourly_spend}/h)"
-            )
             self.destroys.append(
-                _destroy(row, contract_id, reason, f"the pool is over its {limit}")
+                _destroy(row, contract_id, reason, f"the pool is over its {_limit(policy, reason)}")
             )
             cut.add(row.id)
             pool.live_count -= 1
@@ -593,14 +679,57 @@ class _Planner:
             pool.toward_ready -= 1
             if row.state == "ready":
                 pool.ready -= 1
+        for row in sorted(pool.drainable, key=lambda r: (-_slot(r), r.id)):
+            reason = pool.over(policy)
+            if reason is None:
+                break
+            self.destroys.append(
+                Drain(
+                    row.id,
+                    row.profile,
+                    row.slot,
+                    reason,
+                    f"the pool is over its {_limit(policy, reason)}; it finishes its jobs first",
+                )
+            )
+            cut.add(row.id)
+            pool.live_count -= 1
+            pool.live_spend -= row.dph_total
+            pool.spare -= max(0, self.jobs_per_instance - row.running_jobs)
         return cut
 
-    def scale_down(self, policy: PoolPolicyLike, pool: _Pool, cut: set[int]) -> set[int]:
+    def onstart_end(self, row: ObservedInstance, contract_id: int | None) -> Destroy | None:
+        """The destroy of an OnStart instance that has nothing left to do, if it has not."""
+        if _onstart_ended(row):
+            reason = "onstart_done" if row.onstart_job_state == "succeeded" else "onstart_failed"
+            return _destroy(row, contract_id, reason, _onstart_what(row))
+        if row.state == "ready" and row.onstart_job_state == "queued":
+            waited = self.now - (row.state_since if row.idle_since is None else row.idle_since)
+            if waited > self.settings.onstart_claim_seconds:
+                return _destroy(
+                    row,
+                    contract_id,
+                    "onstart_unclaimed",
+                    f"ready for {waited:.0f} s and its agent has not taken its OnStart job "
+                    f"{row.onstart_job}",
+                )
+        return None
+
+    def wanted(self, name: str, policy: PoolPolicyLike, pool: _Pool) -> int:
+        """How many instances the profile wants on their way to ready or ready: its
+        ``min_ready``, or as many as the waiting jobs that its busy instances cannot
+        take need, whichever is more."""
+        uncovered = max(0, self.queued.get(name, 0) - max(0, pool.spare))
+        per = self.jobs_per_instance
+        return max(policy.min_ready, -(-uncovered // per))
+
+    def scale_down(self, name: str, policy: PoolPolicyLike, pool: _Pool, cut: set[int]) -> set[int]:
         """Idle ``ready`` instances past the TTL, down to ``min_ready`` ready ones: the
-        highest slots first."""
+        highest slots first. None while jobs of the profile wait: an idle instance is
+        about to take one."""
         scaled: set[int] = set()
         surplus = pool.ready - policy.min_ready
-        if surplus <= 0:
+        if surplus <= 0 or self.queued.get(name, 0) > 0:
             return scaled
         idle = sorted(
             (item for item in pool.idle if item[1].id not in cut),
@@ -638,7 +767,7 @@ class _Planner:
             pool.toward_ready += 1
 
     def rent(self, name: str, policy: PoolPolicyLike, pool: _Pool) -> None:
-        deficit = policy.min_ready - pool.toward_ready
+        deficit = self.wanted(name, policy, pool) - pool.toward_ready
         if deficit <= 0:
             return
         if self.brakes.stop_renting:
@@ -674,6 +803,26 @@ class _Planner:
 
 def _slot(row: ObservedInstance) -> int:
     return -1 if row.slot is None else row.slot
+
+
+def _limit(policy: PoolPolicyLike, reason: str) -> str:
+    if reason == "over_max_instances":
+        return f"max_instances ({policy.max_instances})"
+    return f"max_hourly_spend (${policy.max_hourly_spend}/h)"
+
+
+def _onstart_ended(row: ObservedInstance) -> bool:
+    """Whether the OnStart job of ``row`` has ended (or is gone from the store)."""
+    return row.onstart_job is not None and (
+        row.onstart_job_state is None or row.onstart_job_state in _JOB_ENDED
+    )
+
+
+def _onstart_what(row: ObservedInstance) -> str:
+    job = f"its OnStart job {row.onstart_job}"
+    if row.onstart_job_state is None:
+        return f"{job} is gone from the store"
+    return f"{job} {row.onstart_job_state}"
 
 
 def _failure(row: ObservedInstance) -> Verdict | None:

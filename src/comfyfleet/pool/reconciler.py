@@ -3,6 +3,11 @@
 One pass (``Reconciler.reconcile_once``), taken only by the holder of the database
 lease ``reconciler``:
 
+0. **Sweep the jobs**, in one transaction: jobs past their timeout fail
+   (``fail_timed_out_jobs``), jobs whose lease ran out are queued again
+   (``expire_leases``), and a job reserved to an instance that is gone (an OnStart
+   job) fails with the reason.
+   The agents re-read the queue every second: a requeued job needs no other wake-up.
 1. **Read the provider's listing first, then the store.** A row is committed before
    its contract is created, so every contract of the listing has its row in the later
    read and a rental in flight is never taken for an orphan.
@@ -11,9 +16,11 @@ lease ``reconciler``:
    once the container runs; ``destroying`` → ``failed`` (a failure) or ``destroyed``
    once the listing no longer has the contract, the only confirmation of a destroy.
 3. **Judge and plan**: ``policy.assess`` for each instance, ``policy.fleet_brakes`` for
-   the fleet, ``planner.plan`` for the actions. When the plan wants to rent, the
-   account's credit is read and the offers ranked (blocklisted machines left out),
-   and the plan is made again with the credit brake and the real prices.
+   the fleet, ``planner.plan`` for the actions, with the queue's depth per profile
+   (jobs reserved to no instance) and each OnStart instance's job state. When the
+   plan wants to rent, the account's credit is read and the offers ranked
+   (blocklisted machines left out), and the plan is made again with the credit brake
+   and the real prices.
 4. **Act**, each action recorded in the store before it is taken and in a transaction
    that checks the lease's epoch (``require_current_epoch``): a process that stalled
    past its lease and woke up cannot act on what it saw before.
@@ -28,11 +35,22 @@ with no such contract. A failure: ``destroying`` with the reason, the machine on
 blocklist, the destroy sent; ``failed`` when the listing confirms it; only then is the
 slot free for the replacement, so no two paid instances ever hold one slot.
 
+Jobs follow their instance: in the transaction that moves an instance to ``destroying``
+(or ends it), its placed and running jobs are queued again (``requeue_jobs_of_instance``)
+and a job reserved to it fails (``its OnStart instance N failed: <reason>``). A busy
+instance is never destroyed by the pool: it is drained (``draining``, no new job) and
+destroyed once its last job has ended or timed out; an admin's terminate is at once.
+
+An OnStart rental (``rent_for_job``) records the instance (``requested``, no slot) and
+its job (reserved to it) in one transaction; the pool destroys the instance once that
+job has ended, whoever is watching, and never blocklists the machine for it.
+
 Alerts are raised once per key while their condition holds (``alerts()``), and the
 brakes that stop renting are kept with their reasons (``brakes``) for the pool view.
-The admin API drives the pool through ``prewarm``, ``reprovision`` and ``terminate``
-(``comfyfleet.api.control.PoolControl``). ``comfyfleet.pool.runner`` runs the loop;
-``python -m comfyfleet.pool.reconciler --once|--loop`` runs it from the environment.
+The admin API drives the pool through ``prewarm``, ``reprovision``, ``terminate`` and
+``rent_for_job`` (``comfyfleet.api.control.PoolControl``). ``comfyfleet.pool.runner``
+runs the loop; ``python -m comfyfleet.pool.reconciler --once|--loop`` runs it from the
+environment.
 """
 
 from __future__ import annotations
@@ -57,7 +75,13 @@ from comfyfleet.agent.bootstrap import (
     instance_env,
     onstart_script,
 )
-from comfyfleet.api.control import PoolActionRefused, PoolControl, UnknownProfile
+from comfyfleet.api.control import (
+    OnStartJob,
+    OnStartRental,
+    PoolActionRefused,
+    PoolControl,
+    UnknownProfile,
+)
 from comfyfleet.clock import Clock, SystemClock
 from comfyfleet.errors import (
     AuthError,
@@ -83,6 +107,7 @@ from comfyfleet.pool.planner import (
     Alert,
     Destroy,
     DestroyOrphan,
+    Drain,
     ObservedInstance,
     PlannerSettings,
     ProviderContract,
@@ -113,6 +138,17 @@ from comfyfleet.store.instances import (
     live_usage_by_profile,
     transition,
 )
+from comfyfleet.store.jobs import (
+    active_jobs_of_instance,
+    expire_leases,
+    fail_jobs_pinned_to_ended_instances,
+    fail_pinned_jobs,
+    fail_timed_out_jobs,
+    new_job_id,
+    requeue_jobs_of_instance,
+    submit_job,
+    unpinned_queued_counts,
+)
 from comfyfleet.store.leases import (
     RECONCILER_LEASE,
     Lease,
@@ -140,6 +176,7 @@ __all__ = [
 log = logging.getLogger("comfyfleet.pool")
 
 T = TypeVar("T")
+K = TypeVar("K", int, str)
 
 #: The ``actor`` of the audit rows the reconciler writes.
 ACTOR: Final = "reconciler"
@@ -193,6 +230,8 @@ class ReconcilerSettings:
     after it). ``interval_s``: the time between passes of the loop.
     ``destroy_retry_s``: how often a destroy the listing has not confirmed is sent
     again. ``provider_timeout_s``: the most one provider call may take.
+    ``jobs_per_instance``: how many jobs one instance runs at once (the API's
+    ``max_jobs_per_instance``), for the instances the queue's depth asks for.
     """
 
     fleet_id: str
@@ -206,6 +245,7 @@ class ReconcilerSettings:
     destroy_retry_s: float = 30.0
     provider_timeout_s: float = 120.0
     check_credit: bool = True
+    jobs_per_instance: int = 1
     #: The lease this reconciler holds; one per provider (``lease_name_for``).
     lease_name: str = RECONCILER_LEASE
     policy: PolicySettings = DEFAULT_POLICY_SETTINGS
@@ -216,6 +256,8 @@ class ReconcilerSettings:
         for name in ("lease_ttl_s", "interval_s", "block_ttl_s", "provider_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"expected {name} > 0, got {getattr(self, name)}")
+        if self.jobs_per_instance < 1:
+            raise ValueError(f"expected jobs_per_instance >= 1, got {self.jobs_per_instance}")
 
 
 @dataclass(slots=True)
@@ -235,7 +277,10 @@ class RaisedAlert:
 class PassReport:
     """What one pass saw and did. ``actions``: the plan it took; ``rented``: the rows it
     recorded for new rentals; ``confirmed``: the destroys the listing confirmed;
-    ``errors``: actions that failed (retried by a later pass); ``timings``: ms by phase."""
+    ``errors``: actions that failed (retried by a later pass); ``timings``: ms by phase.
+    ``queued``: the jobs waiting per profile (reserved to no instance);
+    ``requeued_jobs`` and ``ended_jobs``: the jobs the pass queued again and ended
+    (timeouts, spent attempts, OnStart jobs whose instance went)."""
 
     at: float
     epoch: int
@@ -247,6 +292,9 @@ class PassReport:
     brakes: Brakes
     errors: tuple[str, ...]
     timings: Mapping[str, float]
+    queued: Mapping[str, int] = field(default_factory=dict)
+    requeued_jobs: tuple[str, ...] = ()
+    ended_jobs: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -276,8 +324,10 @@ class _Row:
     progress: dict[str, Any] | None
     ready_at: float | None
     created_at: float
+    onstart_job_id: str | None
     running_jobs: int = 0
     last_job_end: float | None = None
+    onstart_job_state: JobState | None = None
 
 
 _ROW_COLUMNS: Final = (
@@ -304,6 +354,7 @@ _ROW_COLUMNS: Final = (
     InstanceRow.progress,
     InstanceRow.ready_at,
     InstanceRow.created_at,
+    InstanceRow.onstart_job_id,
 )
 
 
@@ -312,6 +363,7 @@ class _Snapshot:
     rows: list[_Row]
     rentals: list[RentalRecord]
     blocked: set[int]
+    queued: dict[str, int]
 
 
 @dataclass(slots=True)
@@ -365,12 +417,30 @@ class _PassState:
     listing: _Listing
     rows: dict[int, _Row]
     blocked: set[int]
+    queued: dict[str, int] = field(default_factory=dict)
     rankings: dict[str, Ranking] = field(default_factory=dict)
     used_offers: set[int] = field(default_factory=set)
     rented: list[int] = field(default_factory=list)
     confirmed: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
+    requeued_jobs: list[str] = field(default_factory=list)
+    ended_jobs: list[str] = field(default_factory=list)
+
+    def jobs_moved(self, moved: _JobMoves) -> None:
+        self.requeued_jobs.extend(moved.requeued)
+        self.ended_jobs.extend(moved.ended)
+
+
+@dataclass(frozen=True, slots=True)
+class _JobMoves:
+    """The jobs one transaction queued again and ended."""
+
+    requeued: tuple[str, ...] = ()
+    ended: tuple[str, ...] = ()
+
+    def __add__(self, other: _JobMoves) -> _JobMoves:
+        return _JobMoves(self.requeued + other.requeued, self.ended + other.ended)
 
 
 class Reconciler:
@@ -537,9 +607,14 @@ class Reconciler:
         timings: dict[str, float] = {}
         started = time.perf_counter()
 
+        # 0. The jobs' sweeps, first: the rows read next count the jobs they leave.
+        swept, sweep_errors = await self._sweep_jobs()
+        timings["jobs_ms"] = _ms(started)
+
         # 1. The provider's listing first, then the store (see the module's docstring).
+        mark = time.perf_counter()
         listing = _Listing.of(await self._provider(self.provider.list_instances()))
-        timings["listing_ms"] = _ms(started)
+        timings["listing_ms"] = _ms(mark)
         mark = time.perf_counter()
         label_ids = {
             i
@@ -555,7 +630,10 @@ class Reconciler:
             listing=listing,
             rows={r.id: r for r in snapshot.rows},
             blocked=snapshot.blocked,
+            queued=snapshot.queued,
+            errors=sweep_errors,
         )
+        state.jobs_moved(swept)
 
         # 2. What was observed.
         mark = time.perf_counter()
@@ -602,9 +680,46 @@ class Reconciler:
             brakes=brakes,
             errors=tuple(state.errors),
             timings=timings,
+            queued=dict(state.queued),
+            requeued_jobs=tuple(state.requeued_jobs),
+            ended_jobs=tuple(state.ended_jobs),
         )
         self.last_report = report
         return report
+
+    async def _sweep_jobs(self) -> tuple[_JobMoves, list[str]]:
+        """Queue again the jobs whose lease ran out, fail those past their timeout and
+        those reserved to an instance that is gone: one transaction, under the lease.
+
+        A failure is reported and left to the next pass; a lost lease stops the pass.
+        """
+
+        def work(session: Session, now: float) -> _JobMoves:
+            # Timeouts first: a job past both its timeout and its lease has timed out,
+            # and is not queued again for another attempt.
+            timed_out = fail_timed_out_jobs(session, now)
+            moved = _moves(expire_leases(session, now))
+            stranded = fail_jobs_pinned_to_ended_instances(session, now)
+            return (
+                _JobMoves(ended=tuple(j.id for j in timed_out))
+                + moved
+                + _JobMoves(ended=tuple(j.id for j in stranded))
+            )
+
+        try:
+            moved = await self._act(work)
+        except LeaseLost:
+            raise
+        except Exception as error:  # the pool must go on even when the jobs cannot
+            log.exception("the jobs' sweep failed")
+            return _JobMoves(), [f"sweep the jobs: {type(error).__name__}: {error}"]
+        if moved.requeued or moved.ended:
+            log.info(
+                "jobs' sweep: queued again %s; ended %s",
+                ", ".join(moved.requeued) or "none",
+                ", ".join(moved.ended) or "none",
+            )
+        return moved, []
 
     # ------------------------------------------------------------------ reading
 
@@ -629,6 +744,11 @@ class Reconciler:
             rows.extend(_Row(*values) for values in session.execute(query))
 
         by_id = {r.id: r for r in rows if r.state in LIVE_STATES}
+        onstart = {r.onstart_job_id: r for r in by_id.values() if r.onstart_job_id is not None}
+        for chunk_ids in _chunks(sorted(onstart), 500):
+            query_jobs = select(JobRow.id, JobRow.state).where(JobRow.id.in_(chunk_ids))
+            for job_id, job_state in session.execute(query_jobs):
+                onstart[job_id].onstart_job_state = job_state
         if by_id:
             busy = case((JobRow.state.in_([JobState.PLACED, JobState.RUNNING]), 1), else_=0)
             for chunk in _chunks(sorted(by_id), 500):
@@ -658,7 +778,12 @@ class Reconciler:
             for created, registered, st in session.execute(rentals_query)
         ]
         blocked = blocked_machine_ids(session, now, provider=self.settings.provider_name)
-        return _Snapshot(rows, rentals, blocked)
+        queued = {
+            name: count
+            for name, count in unpinned_queued_counts(session).items()
+            if name in self.profiles
+        }
+        return _Snapshot(rows, rentals, blocked, queued)
 
     # ------------------------------------------------------------------ observing
 
@@ -692,10 +817,13 @@ class Reconciler:
 
         if updates or booted or confirm:
 
-            def work(session: Session, at: float) -> list[tuple[int, InstanceState]]:
+            def work(
+                session: Session, at: float
+            ) -> tuple[list[tuple[int, InstanceState]], _JobMoves]:
                 if updates:
                     session.execute(update(InstanceRow), updates)
                 moved: list[tuple[int, InstanceState]] = []
+                jobs = _JobMoves()
                 for instance_id in booted:
                     if _move(
                         session,
@@ -714,9 +842,19 @@ class Reconciler:
                         self._block_once(session, row, state.blocked, at)
                     if _move(session, row.id, ended, expected=_S.DESTROYING, reason=reason, now=at):
                         moved.append((row.id, ended))
-                return moved
+                        # Freed when it entered destroying, unless someone else moved it.
+                        jobs += _free_jobs(
+                            session,
+                            row.id,
+                            row.failure_reason or "destroyed",
+                            failed=bool(row.failure_reason),
+                            now=at,
+                        )
+                return moved, jobs
 
-            for instance_id, new_state in await self._act(work):
+            confirmed, jobs = await self._act(work)
+            state.jobs_moved(jobs)
+            for instance_id, new_state in confirmed:
                 row = state.rows[instance_id]
                 row.state = new_state
                 row.state_since = now
@@ -780,6 +918,10 @@ class Reconciler:
                     verdict=verdict,
                     idle_since=idle_since,
                     running_jobs=row.running_jobs,
+                    onstart_job=row.onstart_job_id,
+                    onstart_job_state=(
+                        row.onstart_job_state.value if row.onstart_job_state is not None else None
+                    ),
                 )
             )
         for gone in set(self._download_marks) - live_ids:
@@ -844,6 +986,8 @@ class Reconciler:
             adopt=self.settings.adopt,
             orphan_destroys=self._orphan_destroys,
             settings=self.settings.planner,
+            queued=state.queued,
+            jobs_per_instance=self.settings.jobs_per_instance,
         )
 
     def _pending_rentals(self, state: _PassState) -> list[_Row]:
@@ -963,6 +1107,10 @@ class Reconciler:
                 f"destroy instance {action.instance_id}",
                 self._destroy_row(action.instance_id, action.contract_id, state, reason),
             )
+        elif isinstance(action, Drain):
+            await self._guarded(
+                state, f"drain instance {action.instance_id}", self._drain(action, state)
+            )
         elif isinstance(action, DestroyOrphan):
             await self._guarded(
                 state, f"destroy contract {action.contract_id}", self._destroy_orphan(action, state)
@@ -984,6 +1132,12 @@ class Reconciler:
             return
         first = candidates[0].offer
         reason = f"pool {action.profile}: renting slot {action.slot} to keep min_ready"
+        waiting = state.queued.get(action.profile, 0)
+        if waiting:
+            reason = (
+                f"pool {action.profile}: renting slot {action.slot} for {waiting} waiting "
+                f"job(s) (min_ready {profile.pool.min_ready})"
+            )
 
         def record(session: Session, now: float) -> tuple[int, str, str] | None:
             try:
@@ -1125,10 +1279,14 @@ class Reconciler:
                 continue
             except InsufficientCredit as error:
                 self._credit_refused(error, state)
-                await self._abandon_row(instance_id, f"the provider refused the rental: {error}")
+                await self._abandon_row(
+                    instance_id, f"the provider refused the rental: {error}", state
+                )
                 return
             except AuthError as error:
-                await self._abandon_row(instance_id, f"the provider refused the rental: {error}")
+                await self._abandon_row(
+                    instance_id, f"the provider refused the rental: {error}", state
+                )
                 raise
             except RateLimited as error:
                 # A 429 refuses before doing anything, but an earlier attempt of the same
@@ -1138,7 +1296,7 @@ class Reconciler:
             except ProviderError as error:
                 if error.status in _CLIENT_ERROR and error.status != 429:
                     await self._abandon_row(
-                        instance_id, f"the provider refused the rental: {error}"
+                        instance_id, f"the provider refused the rental: {error}", state
                     )
                     raise
                 self._answer_lost(instance_id, label, error, state)
@@ -1149,7 +1307,9 @@ class Reconciler:
             await self._record_contract(instance_id, contract_id, ranked, state)
             return
         await self._abandon_row(
-            instance_id, f"the {len(refused)} best offers were taken: " + "; ".join(refused)
+            instance_id,
+            f"the {len(refused)} best offers were taken: " + "; ".join(refused),
+            state,
         )
 
     def _answer_lost(
@@ -1294,7 +1454,7 @@ class Reconciler:
         seen = state.rows.get(instance_id)
         expected = seen.state if seen is not None else None
 
-        def work(session: Session, now: float) -> tuple[int | None, float | None] | None:
+        def work(session: Session, now: float) -> tuple[int | None, float | None, _JobMoves] | None:
             row = get_instance(session, instance_id, lock=True)
             if row.state in (_S.DESTROYING, *TERMINAL_STATES):
                 return None
@@ -1323,12 +1483,14 @@ class Reconciler:
                     ttl=self.settings.block_ttl_s,
                     instance_id=instance_id,
                 )
-            return row.provider_contract_id, row.ready_at
+            jobs = _free_jobs(session, instance_id, reason, failed=failed is not None, now=now)
+            return row.provider_contract_id, row.ready_at, jobs
 
         done = await self._act(work)
         if done is None:
             return
-        contract, ready_at = done
+        contract, ready_at, jobs = done
+        state.jobs_moved(jobs)
         if seen is not None:
             seen.state = _S.DESTROYING
             seen.contract_id = contract
@@ -1345,6 +1507,25 @@ class Reconciler:
             log.info("instance %d: %s", instance_id, reason)
         if contract is not None:
             await self._destroy(contract, state, force=True)
+
+    async def _drain(self, action: Drain, state: _PassState) -> None:
+        """``draining``: the instance takes no new job; the planner destroys it once its last
+        job has ended (or timed out)."""
+        seen = state.rows.get(action.instance_id)
+        reason = f"{action.reason}: {action.message}"
+
+        def work(session: Session, now: float) -> bool:
+            row = get_instance(session, action.instance_id, lock=True)
+            # A busy instance whose job ended meanwhile (ready) drains too: it is not wanted.
+            if row.state not in (_S.BUSY, _S.READY):
+                return False
+            transition(session, row, _S.DRAINING, reason=reason, actor=ACTOR, now=now)
+            return True
+
+        if await self._act(work):
+            log.info("instance %d draining: %s", action.instance_id, reason)
+            if seen is not None:
+                seen.state = _S.DRAINING
 
     async def _destroy_orphan(self, action: DestroyOrphan, state: _PassState) -> None:
         # No row stands for it: the record is this process's list of orphan destroys
@@ -1369,23 +1550,32 @@ class Reconciler:
             state.errors.append(f"destroy contract {contract_id}: {error}")
 
     async def _abandon(self, action: Abandon, state: _PassState) -> None:
-        if await self._abandon_row(action.instance_id, action.message):
+        if await self._abandon_row(action.instance_id, action.message, state):
             row = state.rows.get(action.instance_id)
             if row is not None:
                 row.state = _S.DESTROYED
 
-    async def _abandon_row(self, instance_id: int, reason: str) -> bool:
-        """``requested`` → ``destroyed``: nothing was created, the slot is free."""
+    async def _abandon_row(
+        self, instance_id: int, reason: str, state: _PassState | None = None
+    ) -> bool:
+        """``requested`` → ``destroyed``: nothing was created, the slot is free. A job
+        reserved to it (OnStart) fails with the reason: nothing will run it."""
 
-        def work(session: Session, now: float) -> str | None:
+        def work(session: Session, now: float) -> tuple[str, _JobMoves] | None:
             moved = _move(
                 session, instance_id, _S.DESTROYED, expected=_S.REQUESTED, reason=reason, now=now
             )
-            return get_instance(session, instance_id).profile if moved else None
+            if not moved:
+                return None
+            jobs = _free_jobs(session, instance_id, reason, failed=True, now=now)
+            return get_instance(session, instance_id).profile, jobs
 
-        profile = await self._act(work)
-        if profile is None:
+        done = await self._act(work)
+        if done is None:
             return False
+        profile, jobs = done
+        if state is not None:
+            state.jobs_moved(jobs)
         log.info("instance %d abandoned: %s", instance_id, reason)
         if self.metrics is not None:
             self.metrics.prewarm_failure(profile, ABANDONED)
@@ -1472,41 +1662,48 @@ class Reconciler:
 
     # ------------------------------------------------------------------ PoolControl
 
-    async def prewarm(self, profile: str, count: int, *, actor: str) -> list[int]:
-        """Record ``count`` more rentals of ``profile`` now (state ``requested``, beyond
-        ``min_ready``), within ``max_instances`` and the spend cap; the leader rents them
-        at once (``wake``). Once ready they stay until idle past the profile's TTL."""
-        chosen = self.profiles.get(profile)
-        if chosen is None:
+    def _room(self, session: Session, profile: str) -> int:
+        """How many more instances of ``profile`` the caps allow now (``PoolActionRefused``
+        when none): what every row not terminal uses, and the expected price of one more."""
+        policy = self.profiles[profile].pool
+        estimate = self._rental_dph.get(profile)
+        usage = live_usage_by_profile(session).get(profile)
+        used, spend = (usage.count, usage.dph_total) if usage is not None else (0, 0.0)
+        room = policy.max_instances - used
+        cap = policy.max_hourly_spend
+        if cap is not None:
+            if spend >= cap - _EPS:
+                room = 0
+            elif estimate:
+                room = min(room, int((cap - spend + _EPS) // estimate))
+        if room <= 0:
+            raise PoolActionRefused(
+                f"profile {profile} is at its caps: {used} of max_instances "
+                f"{policy.max_instances}"
+                + (f", ${spend:.2f}/h of max_hourly_spend ${cap}/h" if cap is not None else "")
+            )
+        return room
+
+    def _may_rent(self, profile: str, count: int) -> None:
+        if profile not in self.profiles:
             raise UnknownProfile(profile, list(self.profiles))
         if count < 1:
             raise PoolActionRefused(f"expected a count of at least 1, got {count}")
         if self.brakes.stop_renting:
             why = "; ".join(b.message for b in self.brakes.brakes)
             raise PoolActionRefused(f"renting is stopped: {why}")
-        policy = chosen.pool
-        estimate = self._rental_dph.get(profile)
+
+    async def prewarm(self, profile: str, count: int, *, actor: str) -> list[int]:
+        """Record ``count`` more rentals of ``profile`` now (state ``requested``, beyond
+        ``min_ready``), within ``max_instances`` and the spend cap; the leader rents them
+        at once (``wake``). Once ready they stay until idle past the profile's TTL."""
+        self._may_rent(profile, count)
         fleet = self.settings.fleet_id
         provider = self.settings.provider_name
         now = self.clock.now()
 
         def work(session: Session) -> list[int]:
-            usage = live_usage_by_profile(session).get(profile)
-            used, spend = (usage.count, usage.dph_total) if usage is not None else (0, 0.0)
-            room = policy.max_instances - used
-            cap = policy.max_hourly_spend
-            if cap is not None:
-                if spend >= cap - _EPS:
-                    room = 0
-                elif estimate:
-                    room = min(room, int((cap - spend + _EPS) // estimate))
-            wanted = min(count, room)
-            if wanted <= 0:
-                raise PoolActionRefused(
-                    f"profile {profile} is at its caps: {used} of max_instances "
-                    f"{policy.max_instances}"
-                    + (f", ${spend:.2f}/h of max_hourly_spend ${cap}/h" if cap is not None else "")
-                )
+            wanted = min(count, self._room(session, profile))
             taken = set(
                 session.execute(
                     select(InstanceRow.slot).where(
@@ -1546,39 +1743,102 @@ class Reconciler:
         self.wake()
         return ids
 
+    async def rent_for_job(self, profile: str, job: OnStartJob, *, actor: str) -> OnStartRental:
+        """Record an OnStart rental: a ``requested`` row of ``profile`` in no slot, and
+        ``job`` queued, reserved to it, in one transaction (no warm instance can take the
+        job meanwhile). The leader rents it at once (``wake``) and destroys it once the
+        job has ended. Within the caps, like ``prewarm``."""
+        self._may_rent(profile, 1)
+        fleet = self.settings.fleet_id
+        provider = self.settings.provider_name
+        now = self.clock.now()
+
+        def work(session: Session) -> OnStartRental:
+            self._room(session, profile)
+            job_id = new_job_id(now)
+            row = create_instance(
+                session,
+                fleet_id=fleet,
+                profile=profile,
+                slot=None,
+                provider=provider,
+                now=now,
+                actor=actor,
+                reason=f"OnStart rental for job {job_id}, requested by {actor}",
+            )
+            row.onstart_job_id = job_id
+            # One attempt: its agent asks for it once, so a job queued again would wait
+            # for nobody while the instance bills.
+            submit_job(
+                session,
+                profile=profile,
+                request=job.request,
+                now=now,
+                max_attempts=1,
+                timeout_s=job.timeout_s,
+                job_id=job_id,
+                pinned_instance_id=row.id,
+            )
+            return OnStartRental(row.id, job_id)
+
+        rental = await self.store.run(work)
+        if self.metrics is not None:
+            self.metrics.prewarm_attempt(profile)
+        log.info(
+            "OnStart rental of %s by %s: instance %d for job %s",
+            profile,
+            actor,
+            rental.instance_id,
+            rental.job_id,
+        )
+        self.wake()
+        return rental
+
     async def reprovision(
         self, *, instance_id: int | None = None, profile: str | None = None, actor: str
     ) -> list[int]:
-        """Destroy one instance, or every live one of ``profile``; the pool rents fresh ones
-        in their slots once the provider confirms the destroys."""
+        """Replace one instance, or every live pool instance of ``profile``: an idle one is
+        destroyed now, a busy one drained (destroyed once its jobs have ended); the pool
+        rents fresh ones once the provider confirms the destroys. OnStart instances are
+        left to their job (an instance id of one is refused: terminate it instead)."""
         if (instance_id is None) == (profile is None):
             raise PoolActionRefused("name exactly one of an instance id and a profile")
         if profile is not None and profile not in self.profiles:
             raise UnknownProfile(profile, list(self.profiles))
         reason = f"reprovision requested by {actor}"
         if instance_id is not None:
-            return [instance_id] if await self._terminate(instance_id, reason, actor) else []
+            going = await self._terminate(instance_id, reason, actor, drain=True)
+            return [instance_id] if going else []
         fleet = self.settings.fleet_id
 
         def work(session: Session) -> list[int]:
             query = select(InstanceRow.id).where(
                 InstanceRow.fleet_id == fleet,
                 InstanceRow.profile == profile,
+                InstanceRow.onstart_job_id.is_(None),
                 InstanceRow.state.in_(sorted(LIVE_STATES - {_S.DESTROYING})),
             )
             return list(session.execute(query.order_by(InstanceRow.id)).scalars())
 
-        ids = [i for i in await self.store.run(work) if await self._terminate(i, reason, actor)]
-        return ids
+        return [
+            i
+            for i in await self.store.run(work)
+            if await self._terminate(i, reason, actor, drain=True)
+        ]
 
     async def terminate(self, instance_id: int, *, reason: str, actor: str) -> None:
-        """Destroy ``instance_id``: ``destroying`` with ``reason`` now, the destroy sent; the
-        listing confirms it. Safe to repeat; an instance that has ended is left alone."""
+        """Destroy ``instance_id``: ``destroying`` with ``reason`` now, busy or not (its jobs
+        are queued again; an OnStart job fails), the destroy sent; the listing confirms
+        it. Safe to repeat; an instance that has ended is left alone."""
         await self._terminate(instance_id, reason, actor)
 
-    async def _terminate(self, instance_id: int, reason: str, actor: str) -> bool:
-        """Whether the instance is on its way out. No epoch check: an admin's destroy is
-        safe from any process (its slot stays held until the listing confirms it)."""
+    async def _terminate(
+        self, instance_id: int, reason: str, actor: str, *, drain: bool = False
+    ) -> bool:
+        """Whether the instance is on its way out. ``drain``: one that runs a job drains
+        instead (``draining``; the planner destroys it once its jobs have ended). No epoch
+        check: an admin's destroy is safe from any process (its slot stays held until the
+        listing confirms it)."""
         fleet = self.settings.fleet_id
         now = self.clock.now()
 
@@ -1588,8 +1848,23 @@ class Reconciler:
                 raise UnknownInstance(instance_id)
             if row.state in TERMINAL_STATES:
                 return False, None
+            if drain and row.onstart_job_id is not None:
+                raise PoolActionRefused(
+                    f"instance {instance_id} was rented for OnStart job {row.onstart_job_id} "
+                    "and is destroyed once that job has ended; terminate it to stop it now"
+                )
+            if drain and row.state is _S.DRAINING:
+                return True, None  # waiting for its jobs already
+            if (
+                drain
+                and row.state in (_S.READY, _S.BUSY)
+                and active_jobs_of_instance(session, instance_id)
+            ):
+                transition(session, row, _S.DRAINING, reason=reason, actor=actor, now=now)
+                return True, None
             if row.state is not _S.DESTROYING:
                 transition(session, row, _S.DESTROYING, reason=reason, actor=actor, now=now)
+                _free_jobs(session, instance_id, reason, failed=False, now=now)
             return True, row.provider_contract_id
 
         going, contract_id = await self.store.run(work)
@@ -1611,8 +1886,31 @@ def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
 
 
-def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
+def _chunks(items: Sequence[K], size: int) -> list[Sequence[K]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _moves(jobs: Sequence[JobRow]) -> _JobMoves:
+    """Jobs whose attempt ended without a result: those queued again, and those ended."""
+    return _JobMoves(
+        requeued=tuple(j.id for j in jobs if j.state is JobState.QUEUED),
+        ended=tuple(j.id for j in jobs if j.state is not JobState.QUEUED),
+    )
+
+
+def _free_jobs(
+    session: Session, instance_id: int, reason: str, *, failed: bool, now: float
+) -> _JobMoves:
+    """The instance is going: its OnStart job fails (no other instance may run it), and its
+    other placed and running jobs are queued again, in the caller's transaction."""
+    what = "failed" if failed else "was destroyed"
+    ended = fail_pinned_jobs(
+        session, instance_id, f"its OnStart instance {instance_id} {what}: {reason}", now
+    )
+    requeued = requeue_jobs_of_instance(
+        session, instance_id, f"its instance {instance_id} {what}: {reason}", now
+    )
+    return _JobMoves(ended=tuple(j.id for j in ended)) + _moves(requeued)
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:

@@ -24,7 +24,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from comfyfleet.api.control import PoolActionRefused, PoolControl, UnknownProfile
+from comfyfleet.api.control import (
+    OnStartJob,
+    OnStartRental,
+    PoolActionRefused,
+    PoolControl,
+    UnknownProfile,
+)
 from comfyfleet.errors import ConfigError
 from comfyfleet.pool.reconciler import Reconciler, ReconcilerSettings, lease_name_for
 from comfyfleet.pool.runner import ReconcilerLoop
@@ -180,6 +186,9 @@ class PoolRouter:
     async def terminate(self, instance_id: int, *, reason: str, actor: str) -> None:
         reconciler = await self._for_instance(instance_id)
         await reconciler.terminate(instance_id, reason=reason, actor=actor)
+
+    async def rent_for_job(self, profile: str, job: OnStartJob, *, actor: str) -> OnStartRental:
+        return await self._for_profile(profile).rent_for_job(profile, job, actor=actor)
 
 
 @dataclass
