@@ -634,6 +634,10 @@ class ComfySim:
         await self.close_sockets()
         shutil.rmtree(self.folders.temp, ignore_errors=True)
 
+    def is_running(self) -> bool:
+        """Whether a prompt is executing now."""
+        return self._running is not None
+
     async def close_sockets(self) -> int:
         """Close every open ``/ws`` connection; returns how many there were."""
         clients = list(self._sockets.values())
@@ -1514,6 +1518,9 @@ _SIM_OPTIONS: list[tuple[str, dict[str, Any]]] = [
                          "help": "node classes to leave out, as if their custom nodes failed"}),
     ("--step-seconds", {"type": float, "default": 0.0, "metavar": "S",
                         "help": "seconds per step of the stand-in KSampler"}),
+    ("--drop-websockets-every", {"type": float, "default": None, "metavar": "S",
+                                 "help": "close every open /ws connection each S seconds "
+                                         "while a prompt runs (a flaky network)"}),
 ]  # fmt: skip
 
 
@@ -1615,6 +1622,7 @@ async def _serve(
     startup_delay: float,
     crash_after: float | None,
     quick_test: bool,
+    drop_websockets_every: float | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -1641,11 +1649,27 @@ async def _serve(
             return 0
         if crash_after is not None:
             loop.call_later(crash_after, _crash, crash_after)
+        dropper = None
+        if drop_websockets_every is not None and drop_websockets_every > 0:
+            dropper = asyncio.create_task(_drop_websockets(sim, drop_websockets_every, stop))
         await stop.wait()
+        if dropper is not None:
+            dropper.cancel()
         print("\nStopped server", flush=True)
         return 0
     finally:
         await runner.cleanup()
+
+
+async def _drop_websockets(sim: ComfySim, every_s: float, stop: asyncio.Event) -> None:
+    """Close the open sockets every ``every_s`` while a prompt runs; say so on stdout."""
+    while not stop.is_set():
+        await asyncio.sleep(every_s)
+        if not sim.is_running():
+            continue
+        dropped = await sim.close_sockets()
+        if dropped:
+            print(f"[sim] dropped {dropped} websocket(s) (--drop-websockets-every)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1684,6 +1708,7 @@ def main(argv: list[str] | None = None) -> int:
             startup_delay=args.startup_delay,
             crash_after=args.crash_after,
             quick_test=args.quick_test_for_ci,
+            drop_websockets_every=args.drop_websockets_every,
         )
     )
 
