@@ -228,7 +228,10 @@ def running_fleet(
     comfy: list[str] = COMFY,
     policy: PolicySettings = POLICY,
     profile: dict[str, Any] | None = None,
+    api: dict[str, Any] | None = None,
 ) -> Iterator[Fleet]:
+    """The fleet over the simulators; ``api``: more ``ApiSettings`` fields (for the jobs:
+    ``job_lease_ttl_s``, ``max_jobs_per_instance``...)."""
     with RunningFileServer(FileServer()) as files:
         files.server.add_hf_file("acme/base", "base.safetensors", 2 * MiB)
         workspaces = tmp_path / "instances"
@@ -255,7 +258,10 @@ def running_fleet(
             )
             data_dir = tmp_path / "data"
             settings = ApiSettings(
-                admin_api_key=SecretStr(ADMIN_KEY), heartbeat_interval_s=1.0, data_dir=data_dir
+                admin_api_key=SecretStr(ADMIN_KEY),
+                heartbeat_interval_s=1.0,
+                data_dir=data_dir,
+                **(api or {}),
             )
 
             def provider(name: str) -> VastClient:
