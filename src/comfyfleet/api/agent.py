@@ -122,7 +122,7 @@ async def heartbeat(body: HeartbeatRequest, ctx: Ctx, token: Token) -> dict[str,
         row = get_instance(session, body.instance_id, lock=True)
         row.last_heartbeat_at = now
 
-    await ctx.store.run(work)
+    await ctx.store.run(work, share_commit=True)
     return {"ok": True}
 
 

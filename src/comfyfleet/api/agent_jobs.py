@@ -20,9 +20,8 @@ import asyncio
 import hmac
 import logging
 import time
-import weakref
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -34,7 +33,7 @@ from sqlalchemy.orm import Session
 from comfyfleet.api.auth import agent_token, instance_for_token, token_opens
 from comfyfleet.api.context import ApiContext, context
 from comfyfleet.api.wheel import SHA256_HEADER
-from comfyfleet.errors import StoreError
+from comfyfleet.errors import StoreError, UnknownInstance
 from comfyfleet.lifecycle import TOKEN_REVOKED_STATES, JobState
 from comfyfleet.outputs import OutputHashMismatch, OutputStoreError, OutputTooLarge
 from comfyfleet.scheduler.dispatch import Placement, instance_key, take_next_job
@@ -165,33 +164,6 @@ Token = Annotated[str, Depends(_agent_token)]
 Lease = Annotated[str, Header(alias=LEASE_HEADER, min_length=1, max_length=64)]
 
 
-# ------------------------------------------------------------------ transactions
-
-_T = TypeVar("_T")
-_sqlite_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def _transact(ctx: ApiContext, work: Callable[[Session], _T]) -> _T:
-    """``work(session)`` in one transaction, on a worker thread.
-
-    On SQLite these calls take turns on the event loop. SQLite has one writer: a
-    transaction that finds the lock taken sleeps in its busy handler (1 ms, then 2, 5...
-    up to 100 ms, never woken when the lock frees) and holds a worker thread meanwhile,
-    which starves the output uploads of threads (with twenty agents, an upload's median
-    went from 10 ms to 130 ms). In turns, each transaction starts as the last commits.
-    """
-    if ctx.store.dialect != "sqlite":
-        return await ctx.store.run(work)
-    loop = asyncio.get_running_loop()
-    turn = _sqlite_turns.get(loop)
-    if turn is None:
-        turn = _sqlite_turns[loop] = asyncio.Lock()
-    async with turn:
-        return await ctx.store.run(work)
-
-
 # ------------------------------------------------------------------ who calls
 
 
@@ -205,14 +177,13 @@ def _token_fits(row: InstanceRow, token: str) -> bool:
 def _opened_instance(session: Session, instance_id: int, token: str) -> InstanceRow:
     """Instance ``instance_id``, locked, if ``token`` is its live token; else the 401 of
     the other agent routes. One query where ``token_opens`` and a lock would take two."""
-    row = session.execute(
-        select(InstanceRow)
-        .where(InstanceRow.id == instance_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one_or_none()
-    if row is not None and _token_fits(row, token):
-        return row
+    try:
+        row = get_instance(session, instance_id, lock=True)
+    except UnknownInstance:
+        pass
+    else:
+        if _token_fits(row, token):
+            return row
     token_opens(session, instance_id, token)  # refuses it, with the routes' one wording
     return get_instance(session, instance_id, lock=True)
 
@@ -404,7 +375,7 @@ async def next_job(
             placed = take_next_job(session, row, now, lease_ttl_s=ttl, max_jobs_per_instance=cap)
             return row.profile, placed
 
-        profile, placement = await _transact(ctx, work)
+        profile, placement = await ctx.store.run(work, share_commit=True)
         first = False
         if placement is not None:
             ctx.signals.notify(job_key(placement.job_id))
@@ -436,7 +407,7 @@ async def job_input(
                 return str(item["sha256"]).lower()
         raise _Refused(404, "unknown_input", f"job {job_id} has no input named {name!r}")
 
-    sha256 = await _transact(ctx, work)
+    sha256 = await ctx.store.run(work, share_commit=True)
     try:
         size = await asyncio.to_thread(lambda: ctx.outputs.path(sha256).stat().st_size)
     except FileNotFoundError:
@@ -472,7 +443,7 @@ async def _report(
             lease_expires_at=job.lease_expires_at,
         )
 
-    answer = await _transact(ctx, work)
+    answer = await ctx.store.run(work, share_commit=True)
     if progress is not None:
         ctx.signals.notify(job_key(job_id))
     return answer
@@ -510,7 +481,9 @@ async def job_output(
 ) -> OutputReceipt:
     """Stream the body into the output store, hashed as it arrives: kept only when its
     sha256 is the header's (422 otherwise), refused past the size cap (413)."""
-    await _transact(ctx, lambda session: _on_instance(session, job_id, lease, token))
+    await ctx.store.run(
+        lambda session: _on_instance(session, job_id, lease, token), share_commit=True
+    )
     base = safe_output_name(name)
     cap = ctx.settings.max_output_bytes
     declared = request.headers.get("content-length", "")
@@ -619,7 +592,7 @@ async def job_finish(job_id: str, body: FinishRequest, ctx: Ctx, token: Token) -
             job = fail_job(session, job_id, lease, _failure(body), now, retry=body.retryable)
         return job, instance_id
 
-    job, instance_id = await _transact(ctx, work)
+    job, instance_id = await ctx.store.run(work, share_commit=True)
     ctx.signals.notify(job_key(job_id))
     if instance_id is not None:
         ctx.signals.notify(instance_key(instance_id))  # a slot is free on it

@@ -261,7 +261,7 @@ async def caller(request: Request) -> Caller:
             row = verify_key(session, token, now=now)
             return None if row is None else row.id
 
-        key_id = await ctx.store.run(check)
+        key_id = await ctx.store.run(check, share_commit=True)
         if key_id is not None:
             return Caller(key_id)
     elif _is_admin_key(token, ctx):
@@ -623,7 +623,7 @@ async def submit(request: Request, ctx: Ctx, who: Who) -> SubmittedJob:
         return job_view(session, row, now=now), made
 
     try:
-        view, secret = await ctx.store.run(record)
+        view, secret = await ctx.store.run(record, share_commit=True)
     except StoreError as error:
         raise _unprocessable(str(error)) from None
     # The agents waiting for a job of this profile take it now, not at their next poll.
@@ -664,7 +664,7 @@ async def list_jobs(
             rows = jobs_for_key(session, who.key_id, states=state or None, limit=limit)
         return [job_view(session, row, now=now) for row in rows]
 
-    views = await ctx.store.run(read)
+    views = await ctx.store.run(read, share_commit=True)
     return JobList(jobs=[JobView.model_validate(view) for view in views])
 
 
@@ -676,7 +676,7 @@ async def _view(ctx: ApiContext, who: Caller, job_id: str) -> dict[str, Any]:
         return job_view(session, row, now=now)
 
     try:
-        return await ctx.store.run(read)
+        return await ctx.store.run(read, share_commit=True)
     except StoreError as error:
         raise _not_found_or_conflict(error) from None
 
@@ -701,7 +701,8 @@ async def get_output_file(job_id: str, name: str, ctx: Ctx, who: Who) -> Streami
     """The output ``name`` of the job, as stored; its sha256 in ``X-Comfyfleet-Sha256``."""
     try:
         row = await ctx.store.run(
-            lambda session: get_output(session, job_id, name, key_id=who.key_id)
+            lambda session: get_output(session, job_id, name, key_id=who.key_id),
+            share_commit=True,
         )
     except StoreError as error:
         raise _not_found_or_conflict(error) from None
@@ -736,7 +737,7 @@ async def cancel(job_id: str, ctx: Ctx, who: Who) -> JobView:
         return job_view(session, row, now=now)
 
     try:
-        view = await ctx.store.run(work)
+        view = await ctx.store.run(work, share_commit=True)
     except StoreError as error:
         raise _not_found_or_conflict(error) from None
     ctx.signals.notify(job_key(job_id))

@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session, defer
 from comfyfleet.errors import StaleInstanceState, StoreError
 from comfyfleet.lifecycle import JOB_TERMINAL_STATES, JOB_TRANSITIONS, InstanceState, JobState
 from comfyfleet.store.instances import get_instance, scrub, transition
+from comfyfleet.store.locks import already_locked, mark_locked
 from comfyfleet.store.models import (
     InstanceRow,
     JobAuditRow,
@@ -357,7 +358,10 @@ def _lock_all(session: Session, *conditions: Any) -> list[JobRow]:
         .with_for_update()
         .execution_options(populate_existing=True)
     )
-    return list(session.execute(query).scalars())
+    jobs = list(session.execute(query).scalars())
+    for job in jobs:
+        mark_locked(session, JobRow, job.id)
+    return jobs
 
 
 def _attempt_ended(
@@ -474,10 +478,15 @@ def get_job(
     """The job ``job_id``; ``UnknownJob`` when there is none.
 
     With ``key_id``, only a job that key submitted (another's reads as unknown).
-    ``lock=True`` takes the row lock (``FOR UPDATE`` on PostgreSQL) and re-reads it.
+    ``lock=True`` takes the row lock (``FOR UPDATE`` on PostgreSQL) and re-reads it,
+    once per transaction (``store/locks.py``).
     ``with_request=False`` leaves the request (workflow and inputs, maybe large) to be
     read when first touched.
     """
+    if lock:
+        held = already_locked(session, JobRow, job_id)
+        if held is not None and (key_id is None or held.owner_key_id == key_id):
+            return held
     query = select(JobRow).where(JobRow.id == job_id)
     if not with_request:
         query = query.options(defer(JobRow.request))
@@ -488,6 +497,8 @@ def get_job(
     job = session.execute(query).scalar_one_or_none()
     if job is None:
         raise UnknownJob(job_id)
+    if lock:
+        mark_locked(session, JobRow, job_id)
     return job
 
 
@@ -616,7 +627,8 @@ def place_job(
         )
     if instance.state not in (InstanceState.READY, InstanceState.BUSY):
         raise InstanceUnavailable(instance_id, f"it is {instance.state}, not ready")
-    running = _active_count(session, instance_id)
+    # A ready instance holds no job (placing one makes it busy): only a busy one is counted.
+    running = _active_count(session, instance_id) if instance.state is InstanceState.BUSY else 0
     if running >= max_jobs_per_instance:
         raise InstanceUnavailable(
             instance_id, f"it holds {running} job(s) already, at most {max_jobs_per_instance}"
@@ -648,7 +660,6 @@ def place_job(
             now=now,
             expected_from=InstanceState.READY,
         )
-    session.flush()
     return lease_id
 
 
@@ -922,7 +933,6 @@ def report_on_lease(
         if progress.get("prompt_id") and job.state is JobState.PLACED:
             job.started_at = now
             _move(session, job, JobState.RUNNING, reason="started", actor=_AGENT, now=now)
-    session.flush()
     return job
 
 
@@ -942,7 +952,6 @@ def complete_job(
     job.result = result
     _finish(session, job, JobState.SUCCEEDED, reason="succeeded", actor=_AGENT, now=now)
     _release_instance(session, job.instance_id, job.id, now)
-    session.flush()
     return job
 
 
@@ -1059,7 +1068,6 @@ def record_output(
         created_at=now,
     )
     session.add(row)
-    session.flush()
     return row
 
 
