@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import signal
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import BIN, EXAMPLE_FLEET, REPO, run_cli
 
@@ -209,7 +211,15 @@ def test_sim_vast_prints_its_url_and_serves(clean_env: dict[str, str]) -> None:
 def test_demo_runs_the_whole_flow(clean_env: dict[str, str], tmp_path: Path) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    result = run_cli("demo", env={**clean_env, "TMPDIR": str(temp)}, timeout=120)
+    # Run where a user would (``make demo`` in their clone): the image lands in ./demo-output.
+    result = run_cli(
+        "demo",
+        "--config",
+        str(EXAMPLE_FLEET),
+        env={**clean_env, "TMPDIR": str(temp)},
+        cwd=tmp_path,
+        timeout=120,
+    )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     finished = re.search(r"demo finished in ([\d.]+) s", out)
@@ -233,6 +243,31 @@ def test_demo_runs_the_whole_flow(clean_env: dict[str, str], tmp_path: Path) -> 
     assert "instance 2 is ready" in replaced
     prewarmed = out.split("5. A prewarm through the admin API", 1)[1]
     assert "POST /api/admin/pool/prewarm" in prewarmed and "instance 3 is ready" in prewarmed
+    # A job through the whole system: a user key, then `comfyfleet run` itself, whose
+    # image is saved in ./demo-output and checked against what the control plane announced.
+    job = out.split("6. A job through the whole system", 1)[1].split("7. Everything destroyed")[0]
+    assert "made as `comfyfleet keys create demo` makes it: API key 1, cf_" in job
+    assert "$ comfyfleet run demo-output/txt2img_api.json --prompt " in job
+    submitted = re.search(r"submitted job (\S+) \(profile default, queued \(position 1\)\)", job)
+    assert submitted, job
+    job_id = submitted.group(1)
+    assert re.search(r"KSampler \(node 6\): (step \d+/20, )?\d+% overall", job), job
+    assert f"job {job_id} succeeded" in job
+    assert f"GET /api/jobs/{job_id} → succeeded: attempt 1 of " in job
+    assert "its trail: queued → placed → running → succeeded" in job
+    saved = re.search(
+        r"Saved (demo-output/\S+\.png): PNG, 768x512 pixels, ([\d,]+) bytes, "
+        r"sha256 ([0-9a-f]{64}) \(the sha256 the control plane announced\)",
+        job,
+    )
+    assert saved, job
+    image = tmp_path / saved.group(1)
+    assert sorted(p.name for p in (tmp_path / "demo-output").glob("*.png")) == [image.name]
+    data = image.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == saved.group(3)
+    assert len(data) == int(saved.group(2).replace(",", ""))
+    with Image.open(image) as png:
+        assert (png.format, png.size) == ("PNG", (768, 512))
     # Everything destroyed, the dollars spent.
     assert "0 instance(s) still rented" in out
     assert re.search(r"Credit \$50\.00 → \$49\.\d+: \$0\.0*[1-9]\d* spent", out), out

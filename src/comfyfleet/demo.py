@@ -14,24 +14,33 @@ Everything runs on this machine, through the production code paths:
    002), so that instance is destroyed, its machine blocklisted and a replacement
    rented, once the destroy is confirmed;
 5. a prewarm through the admin API (``POST /api/admin/pool/prewarm``);
-6. everything destroyed, the dollars spent, and the demo's own wall time.
-
-Later stages (jobs) join this same demo as they land.
+6. a job through the whole system: a user key made as ``comfyfleet keys create`` makes
+   it, then ``comfyfleet run`` itself (a subprocess, the user's own command) submits a
+   text-to-image workflow with a prompt and ``--set`` overrides, follows its queue
+   position and sampler steps, and saves the image in ``./demo-output/``, where the demo
+   checks its pixel size and sha256 against what the control plane announced;
+7. everything destroyed, the dollars spent, and the demo's own wall time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
+import shlex
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 from rich.console import Console
+from rich.markup import escape
 
 from comfyfleet.clock import ScaledClock, SystemClock
 from comfyfleet.envvars import environ_set
@@ -45,6 +54,9 @@ from comfyfleet.sim.files import FileServer, RunningFileServer
 from comfyfleet.sim.vast import RunningSim, SimConfig
 from comfyfleet.views import offers_table, ranked_row
 
+if TYPE_CHECKING:
+    from comfyfleet.store.db import Store
+
 DEMO_KEY = "demo-key"
 DEMO_ADMIN_KEY = "demo-admin-key-" + "0" * 24
 # Simulated seconds per real second: a few minutes of boot pass in seconds.
@@ -52,6 +64,13 @@ DEMO_CLOCK_SPEED = 60.0
 READY_TIMEOUT_S = 60.0
 MiB = 1 << 20
 DEMO_CIVITAI_TOKEN = "demo-civitai-token"
+#: Where the job's image is saved: relative to the folder the demo runs in.
+DEMO_OUTPUT = Path("demo-output")
+DEMO_PROMPT = "a lighthouse on a cliff at dusk, warm light in its windows"
+# Real seconds per sampling step of the ComfyUI simulator's stand-in KSampler, so that
+# the job's steps can be seen going by (the warm-up's 4 steps take 0.4 s).
+SAMPLER_STEP_S = 0.1
+JOB_TIMEOUT_S = 60.0
 
 
 async def run_demo(console: Console, *, config: Path, profile_name: str, seed: int) -> None:
@@ -86,7 +105,7 @@ async def run_demo(console: Console, *, config: Path, profile_name: str, seed: i
             async with VastClient(DEMO_KEY, sim.url) as client:
                 credit_after = (await client.current_user()).credit
                 listed = await client.list_instances()
-    console.rule("7. What it cost")
+    console.rule("8. What it cost")
     console.print(
         f"Credit ${credit_before:.2f} → ${credit_after:.4f}: "
         f"[bold]${credit_before - credit_after:.4f}[/] spent on simulated GPU time; "
@@ -155,16 +174,21 @@ def _workspace(files: RunningFileServer, root: Path) -> Path:
 
 
 def _demo_profile(profile: Profile, manifest: Path) -> Profile:
-    """The example profile, with the demo's manifest, the ComfyUI simulator for ComfyUI,
-    and a pool of one ready instance (two at most)."""
-    import sys
-
+    """The example profile, with the demo's manifest, the ComfyUI simulator for ComfyUI
+    (its sampler taking ``SAMPLER_STEP_S`` a step), and a pool of one ready instance (two
+    at most)."""
     return profile.model_copy(
         update={
             "manifest": str(manifest),
             "manifest_gb": None,
             "manifest_bytes": None,
-            "comfy_command": [sys.executable, "-m", "comfyfleet.sim.comfy"],
+            "comfy_command": [
+                sys.executable,
+                "-m",
+                "comfyfleet.sim.comfy",
+                "--step-seconds",
+                str(SAMPLER_STEP_S),
+            ],
             "pool": profile.pool.model_copy(
                 update={"min_ready": 1, "max_instances": 2, "max_hourly_spend": None}
             ),
@@ -224,6 +248,22 @@ workflows:
   - file: txt2img.json
 warmup_workflow: txt2img.json
 """
+
+# The job runs the workflow the instance was warmed with (``TXT2IMG``, as ComfyUI's
+# "Export (API)" writes it), given what ``comfyfleet run`` is given besides the workflow:
+# a prompt, more steps, and a 768x512 image under a prefix of its own.
+JOB_ARGS: tuple[str, ...] = (
+    "--prompt",
+    DEMO_PROMPT,
+    "--set",
+    "KSampler.steps=20",
+    "--set",
+    "EmptyLatentImage.width=768",
+    "--set",
+    "EmptyLatentImage.height=512",
+    "--set",
+    "SaveImage.filename_prefix=comfyfleet-demo",
+)
 
 
 # --------------------------------------------------------------------------- the pool
@@ -312,7 +352,10 @@ async def _pool(console: Console, sim: RunningSim, profile: Profile, root: Path)
                 view = await control.pool(include_ended=True)
                 console.print(pool_table(view["instances"]))
 
-                console.rule("6. Everything destroyed")
+                console.rule("6. A job through the whole system")
+                await _job(console, store, server.url)
+
+                console.rule("7. Everything destroyed")
                 plane.pool.update_profiles(
                     {
                         name: profile.model_copy(
@@ -384,3 +427,120 @@ async def _all_destroyed(control: Any, ids: list[int]) -> None:
             return
         await asyncio.sleep(0.2)
     raise ComfyfleetError("the provider did not confirm every destroy in time")
+
+
+# --------------------------------------------------------------------------- the job
+
+
+async def _job(console: Console, store: Store, server_url: str) -> None:
+    """A user's key, then ``comfyfleet run`` as the user types it; the saved image checked."""
+    from sqlalchemy.orm import Session
+
+    from comfyfleet.control_client import ControlClient
+    from comfyfleet.store.apikeys import create_key
+    from comfyfleet.store.jobs import job_trail, jobs_for_key
+
+    def make_key(session: Session) -> tuple[int, str, str]:
+        row, key = create_key(session, "demo", now=time.time())
+        return row.id, row.prefix, key
+
+    key_id, prefix, key = store.run_sync(make_key)
+    console.print(
+        f"A user key, made as `comfyfleet keys create demo` makes it: API key {key_id}, "
+        f"{prefix}… (shown once; the store keeps only its hash). The user's own command "
+        "takes it from COMFYFLEET_API_KEY:",
+        highlight=False,
+        soft_wrap=True,
+    )
+    workflow = DEMO_OUTPUT / "txt2img_api.json"
+    await asyncio.to_thread(_write_workflow, workflow)
+    args = ["run", str(workflow), *JOB_ARGS, "--out", str(DEMO_OUTPUT)]
+    console.print(
+        "$ " + shlex.join(["comfyfleet", *args]),
+        style="bold",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    code = await _run_command(args, {"COMFYFLEET_SERVER": server_url, "COMFYFLEET_API_KEY": key})
+    if code != 0:
+        raise ComfyfleetError(f"`comfyfleet run` exited with status {code}")
+
+    (job_id,) = store.run_sync(lambda s: [row.id for row in jobs_for_key(s, key_id, limit=1)])
+    async with ControlClient(server_url, admin_key=None, api_key=key) as user:
+        view = await user.job(job_id)
+    moves = store.run_sync(lambda s: [row.to_state.value for row in job_trail(s, job_id)])
+    timing = view.get("timing") or {}
+    console.print(
+        f"GET /api/jobs/{job_id} → [bold]{view['state']}[/]: attempt {view['attempts']} of "
+        f"{view['max_attempts']} on instance {view['instance_id']}, queued "
+        f"{timing.get('queued_s') or 0:.1f} s, ran {timing.get('running_s') or 0:.1f} s, "
+        f"${view.get('cost') or 0:.4f}; its trail: {' → '.join(moves)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if view["state"] != "succeeded" or not view["outputs"]:
+        raise ComfyfleetError(f"job {job_id} did not end with an image: {view.get('error')}")
+    for output in view["outputs"]:
+        path = DEMO_OUTPUT / str(output["name"])
+        kind, (width, height), size, digest = await asyncio.to_thread(_image_facts, path)
+        if digest != output["sha256"]:
+            raise ComfyfleetError(
+                f"{path} is not the file job {job_id} made: its sha256 is {digest}, the "
+                f"control plane announced {output['sha256']}"
+            )
+        console.print(
+            f"[bold green]Saved {escape(str(path))}[/]: {kind}, {width}x{height} pixels, "
+            f"{size:,} bytes, sha256 {digest} (the sha256 the control plane announced)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _write_workflow(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(TXT2IMG, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise ComfyfleetError(
+            f"cannot write {path}: {error.strerror or error}; run the demo in a folder you "
+            "can write to (it saves the job's image in ./demo-output)"
+        ) from error
+
+
+def _comfyfleet() -> list[str]:
+    """The ``comfyfleet`` command of this interpreter's environment."""
+    script = Path(sys.executable).with_name("comfyfleet")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "from comfyfleet.cli import main; main()"]
+
+
+async def _run_command(args: list[str], env: dict[str, str]) -> int:
+    """``comfyfleet ARGS`` on the demo's own terminal (or log); its exit status. Past
+    ``JOB_TIMEOUT_S`` it gets a Ctrl-C, which cancels its job."""
+    sys.stdout.flush()
+    process = await asyncio.create_subprocess_exec(*_comfyfleet(), *args, env={**os.environ, **env})
+    try:
+        return await asyncio.wait_for(process.wait(), JOB_TIMEOUT_S)
+    except TimeoutError:
+        raise ComfyfleetError(
+            f"`comfyfleet {args[0]}` did not finish in {JOB_TIMEOUT_S:g} s"
+        ) from None
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 10.0)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def _image_facts(path: Path) -> tuple[str, tuple[int, int], int, str]:
+    """The image's format, pixel size, bytes and sha256, as read back from the disk."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    with Image.open(path) as image:
+        return str(image.format), image.size, len(data), hashlib.sha256(data).hexdigest()

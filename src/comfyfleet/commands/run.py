@@ -716,7 +716,8 @@ def run(
             min=0,
             metavar="SECONDS",
             help="Cancel the job and exit 124 if it has not ended after this long; the "
-            "control plane enforces it too, from the job's start. 0: no limit.",
+            "control plane enforces it too, on each attempt from its placement on an "
+            "instance. 0: no limit.",
         ),
     ] = 0.0,
     webhook: Annotated[
