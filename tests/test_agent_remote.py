@@ -262,7 +262,12 @@ def test_agent_connect_registers_provisions_with_fetched_secrets_and_reports_to_
             )
             assert (ws / "comfyfleet-manifest.yaml").is_file()
             (log_file,) = (api.settings.data_dir / "logs").glob(f"provision_{rental.id}_*.log")
+            # The report's lines are kept once its moves are committed: the last ones may
+            # reach the log a moment after the row says ready.
             text = log_file.read_text()
+            while "STAGE ready" not in text and time.monotonic() < deadline + 10:
+                time.sleep(0.05)
+                text = log_file.read_text()
             assert "STAGE downloading" in text and "STAGE ready" in text
             assert "registered from" in text
             row = api.store.run_sync(lambda session: get_instance(session, rental.id))

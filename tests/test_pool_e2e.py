@@ -325,7 +325,10 @@ def test_rent_provision_ready_then_destroy_on_the_simulator(store: Store, tmp_pa
         model = workspace / "ComfyUI" / "models" / "checkpoints" / "base.safetensors"
         assert model.stat().st_size == 2 * MiB
         (log,) = (fleet.data_dir / "logs").glob(f"provision_{instance_id}_*.log")
-        assert "STAGE ready" in log.read_text()
+        # A report's lines are kept once its moves are committed: a moment after the row.
+        fleet.wait(
+            "STAGE ready in the provision log", lambda: "STAGE ready" in log.read_text() or None, 10
+        )
 
         view = next(i for i in fleet.pool()["instances"] if i["id"] == instance_id)
         assert view["state"] == "ready" and view["actual_status"] == "running"
