@@ -62,7 +62,7 @@ SOURCE_SCHEMES: Final = ("hf", "civitai", "https", "http")
 
 _HEX64: Final = re.compile(r"^[0-9a-fA-F]{64}$")
 # A full object id (SHA-1, or SHA-256 repositories): a branch, tag or short id can move.
-_COMMIT: Final = re.compile(r"^(?:[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
+COMMIT_RE: Final = re.compile(r"^(?:[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
 _SCP_GIT: Final = re.compile(r"^[\w.-]+@[\w.-]+:.+$")
 
 # The manifest names the first error pydantic gives (not a misspelt key before
@@ -76,7 +76,7 @@ _YAML: Final = YamlErrors(
 _show: Final = _YAML.show
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
@@ -90,7 +90,7 @@ def _sha256(value: str) -> str:
     return v.lower()  # Civitai writes them upper-case
 
 
-def _relative(value: str, *, under: str, what: str) -> str:
+def relative_path(value: str, *, under: str, what: str) -> str:
     """A relative POSIX path that stays under ``under``, normalised (``a//b/./c`` -> ``a/b/c``)."""
     if not value.strip():
         raise ValueError(f"expected {what} under {under}, got an empty string")
@@ -104,7 +104,7 @@ def _relative(value: str, *, under: str, what: str) -> str:
     return str(path)
 
 
-def _file_name(value: str, what: str = "a file name") -> str:
+def file_name(value: str, what: str = "a file name") -> str:
     if (
         not value
         or value != value.strip()
@@ -178,10 +178,10 @@ def _git_name(url: str) -> str:
 # The checked kinds of value that several entries hold.
 Source = Annotated[str, AfterValidator(_check_source)]
 Sha256 = Annotated[str, AfterValidator(_sha256)]
-FileName = Annotated[str, AfterValidator(_file_name)]
+FileName = Annotated[str, AfterValidator(file_name)]
 
 
-class ComfyUI(_Strict):
+class ComfyUI(StrictModel):
     """Where ComfyUI lives in the workspace, how it starts, which Python installs into it."""
 
     path: str = Field(
@@ -201,7 +201,7 @@ class ComfyUI(_Strict):
     def _path(cls, value: str) -> str:
         if value.strip() in (".", "./"):
             return "."
-        return _relative(value, under="the workspace", what="a folder")
+        return relative_path(value, under="the workspace", what="a folder")
 
     @field_validator("args")
     @classmethod
@@ -215,7 +215,7 @@ class ComfyUI(_Strict):
         return value
 
 
-class CustomNode(_Strict):
+class CustomNode(StrictModel):
     """A custom node: a git repository checked out at a pinned commit under ``custom_nodes/``."""
 
     git: str = Field(description="The repository's URL.")
@@ -236,7 +236,7 @@ class CustomNode(_Strict):
     @field_validator("commit")
     @classmethod
     def _commit(cls, value: str) -> str:
-        if not _COMMIT.match(value.strip()):
+        if not COMMIT_RE.match(value.strip()):
             raise ValueError(
                 "expected a full commit id (40 hexadecimal characters; a branch, tag or "
                 f"short id can move), got {_show(value)}"
@@ -246,7 +246,7 @@ class CustomNode(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        return None if value is None else _file_name(value, "a folder name")
+        return None if value is None else file_name(value, "a folder name")
 
     @property
     def folder(self) -> str:
@@ -254,7 +254,7 @@ class CustomNode(_Strict):
         return self.name or _git_name(self.git)
 
 
-class Model(_Strict):
+class Model(StrictModel):
     """A model file: where it comes from and where it goes under ``models/``."""
 
     source: Source | None = Field(default=None, description="hf://, civitai://, https://...")
@@ -281,7 +281,7 @@ class Model(_Strict):
     @field_validator("dest")
     @classmethod
     def _dest(cls, value: str) -> str:
-        dest = _relative(value, under="models/", what="a folder")
+        dest = relative_path(value, under="models/", what="a folder")
         if dest == ".":
             raise ValueError("expected a folder under models/ such as checkpoints, got '.'")
         if PurePosixPath(dest).parts[0] == "models":
@@ -318,7 +318,7 @@ class Model(_Strict):
         return f"{self.dest}/{name}"
 
 
-class Workflow(_Strict):
+class Workflow(StrictModel):
     """A ComfyUI workflow (JSON), put in ComfyUI's ``user/default/workflows/``."""
 
     name: FileName | None = Field(
@@ -356,7 +356,7 @@ class Workflow(_Strict):
         return tail if "." in tail else None
 
 
-class ConfigFile(_Strict):
+class ConfigFile(StrictModel):
     """A config file written into ComfyUI's folder: inline ``content`` or a ``file``/``source``."""
 
     path: str = Field(description="Where, relative to ComfyUI's folder.")
@@ -369,7 +369,7 @@ class ConfigFile(_Strict):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
-        path = _relative(value, under="ComfyUI's folder", what="a file")
+        path = relative_path(value, under="ComfyUI's folder", what="a file")
         if path == ".":
             raise ValueError("expected a file path, got '.'")
         return path
@@ -382,7 +382,7 @@ class ConfigFile(_Strict):
         return self
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
     """A workspace: custom nodes, models, workflows, config files, pip packages, ComfyUI."""
 
     version: Literal[1] = 1

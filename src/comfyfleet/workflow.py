@@ -252,7 +252,7 @@ def _title(node: Mapping[str, Any]) -> str | None:
     return title if isinstance(title, str) else None
 
 
-def _id_order(node_id: str) -> tuple[int, int, str]:
+def id_order(node_id: str) -> tuple[int, int, str]:
     return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
 
 
@@ -278,7 +278,7 @@ def resolve_node(workflow: Workflow, address: str) -> str:
             for node_id, node in workflow.items()
             if node.get("class_type") == address or _title(node) == address
         ),
-        key=_id_order,
+        key=id_order,
     )
     if len(matches) == 1:
         return matches[0]
@@ -288,7 +288,7 @@ def resolve_node(workflow: Workflow, address: str) -> str:
             f"address one by its id (for example {matches[0]!r})"
         )
     names: dict[str, str] = {}
-    for node_id, node in sorted(workflow.items(), key=lambda item: _id_order(item[0])):
+    for node_id, node in sorted(workflow.items(), key=lambda item: id_order(item[0])):
         for name in (node_id, node.get("class_type"), _title(node)):
             if isinstance(name, str):
                 names.setdefault(name.lower(), name)
@@ -296,7 +296,7 @@ def resolve_node(workflow: Workflow, address: str) -> str:
     if close:
         hint = "did you mean " + " or ".join(repr(name) for name in close) + "?"
     else:
-        ids = sorted(workflow, key=_id_order)
+        ids = sorted(workflow, key=id_order)
         hint = "its nodes: " + _labels(workflow, ids[:12]) + (", ..." if len(ids) > 12 else "")
     raise WorkflowError(
         f"no node {address!r} in the workflow (a node is named by id, class_type or title); " + hint
@@ -508,7 +508,7 @@ def find_prompt(workflow: Workflow, *, negative: bool = False) -> TextTarget:
     leads to one, or when several samplers lead to different ones (listing them).
     """
     side = "negative" if negative else "positive"
-    samplers = sorted((i for i, n in workflow.items() if _is_sampler(n)), key=_id_order)
+    samplers = sorted((i for i, n in workflow.items() if _is_sampler(n)), key=id_order)
     if not samplers:
         raise WorkflowError(
             "the workflow has no sampler (" + ", ".join(sorted(SAMPLER_TYPES)) + ") to take "
@@ -635,7 +635,7 @@ def set_image(
         name = image
     if node is None:
         loaders = sorted(
-            (i for i, n in out.items() if n.get("class_type") == LOAD_IMAGE), key=_id_order
+            (i for i, n in out.items() if n.get("class_type") == LOAD_IMAGE), key=id_order
         )
         if not loaders:
             raise WorkflowError(
@@ -696,7 +696,7 @@ def randomize_seeds(
     """
     out = copy.deepcopy(workflow)
     changes: list[SeedChange] = []
-    for node_id in sorted(out, key=_id_order):
+    for node_id in sorted(out, key=id_order):
         node = out[node_id]
         inputs = node["inputs"]
         for name in SEED_INPUTS:
@@ -897,7 +897,7 @@ def describe_validation(
     else:
         head = "ComfyUI queued the workflow without the parts that failed validation:"
     lines = [head]
-    for node_id in sorted(node_errors, key=lambda i: _id_order(str(i))):
+    for node_id in sorted(node_errors, key=lambda i: id_order(str(i))):
         entry = node_errors[node_id]
         if not isinstance(entry, Mapping):
             continue

@@ -47,14 +47,14 @@ from comfyfleet.errors import ConfigError
 
 # The manifest's value checks, reused so a source or a path means the same in both files.
 from comfyfleet.manifest import (
-    _COMMIT,
+    COMMIT_RE,
     CustomNode,
     Model,
     Sha256,
     Source,
-    _file_name,
-    _relative,
-    _Strict,
+    StrictModel,
+    file_name,
+    relative_path,
     source_filename,
 )
 from comfyfleet.sizes import GB, KB, MB, TB, GiB, KiB, MiB, TiB, parse_size
@@ -123,7 +123,7 @@ Size = Annotated[int, BeforeValidator(_size), Field(ge=0)]
 # ---------------------------------------------------------------- the models
 
 
-class CatalogEntry(_Strict):
+class CatalogEntry(StrictModel):
     """A dependency: a model file under ``models/`` or a custom node under ``custom_nodes/``.
 
     ``size`` is what placement counts and the cache reserves before the download (it may
@@ -190,8 +190,8 @@ class CatalogEntry(_Strict):
     @classmethod
     def _destination(cls, value: str, info: ValidationInfo) -> str:
         if info.data.get("kind") == "custom_node":
-            return _file_name(value.strip().rstrip("/"), "a folder under custom_nodes/")
-        path = _relative(value, under="models/", what="a file")
+            return file_name(value.strip().rstrip("/"), "a folder under custom_nodes/")
+        path = relative_path(value, under="models/", what="a file")
         if path == ".":
             raise ValueError("expected a file under models/ such as checkpoints/model.safetensors")
         parts = PurePosixPath(path).parts
@@ -216,7 +216,7 @@ class CatalogEntry(_Strict):
                 f"expected a file under models/ such as {path}/model.safetensors (a {scheme}:// "
                 f"source does not say its file name), got {_show(value)}"
             )
-        return f"{path}/{_file_name(name)}"
+        return f"{path}/{file_name(name)}"
 
     @field_validator("sha256")
     @classmethod
@@ -262,7 +262,7 @@ class CatalogEntry(_Strict):
             return None
         if info.data.get("kind") == "model":
             raise ValueError("only a custom node has a commit; a model is pinned by its sha256")
-        if not _COMMIT.match(value.strip()):
+        if not COMMIT_RE.match(value.strip()):
             raise ValueError(
                 "expected a full commit id (40 hexadecimal characters; a branch, tag or "
                 f"short id can move), got {_show(value)}"
@@ -318,7 +318,7 @@ class CatalogEntry(_Strict):
         return CustomNode(git=self.source, commit=self.commit, name=self.destination)
 
 
-class DynamicPolicy(_Strict):
+class DynamicPolicy(StrictModel):
     """How a server type's dynamic dependencies share the disk (``comfyfleet.agent.cache``).
 
     ``max_dynamic_bytes`` null (or 0, ``none``, ``unlimited``, as in the seed) means no cap:
@@ -352,7 +352,7 @@ class DynamicPolicy(_Strict):
         )
 
 
-class StaticDependencies(_Strict):
+class StaticDependencies(StrictModel):
     """Dependencies a server type keeps for good: never evicted."""
 
     core: list[str] = Field(
@@ -361,7 +361,7 @@ class StaticDependencies(_Strict):
     warm: list[str] = Field(default_factory=list, description="What it keeps ready besides.")
 
 
-class DependencyProfile(_Strict):
+class DependencyProfile(StrictModel):
     """A server type's dependencies: its statics, whether to fetch them at boot, its cache."""
 
     static: StaticDependencies = Field(default_factory=StaticDependencies)
@@ -376,7 +376,7 @@ class DependencyProfile(_Strict):
         return (*self.static.core, *self.static.warm)
 
 
-class DependencyCatalog(_Strict):
+class DependencyCatalog(StrictModel):
     """Catalog entries, and the dependency profile of each server type (by its name).
 
     A profile may only name ids of the catalog, an id is given once, and two entries never

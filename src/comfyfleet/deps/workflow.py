@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 from comfyfleet.deps.catalog import CatalogEntry, DependencyCatalog
-from comfyfleet.workflow import _id_order, is_link, load_api_workflow, node_label
+from comfyfleet.workflow import id_order, is_link, load_api_workflow, node_label
 
 __all__ = [
     "LOADER_FOLDERS",
@@ -121,7 +121,7 @@ def loader_references(workflow: Mapping[str, Any]) -> list[LoaderReference]:
     """
     graph = load_api_workflow(workflow)
     refs: list[LoaderReference] = []
-    for node_id in sorted(graph, key=_id_order):
+    for node_id in sorted(graph, key=id_order):
         node = graph[node_id]
         for input_name, value in node["inputs"].items():
             if not is_loader_input(input_name) or is_link(value) or not isinstance(value, str):
